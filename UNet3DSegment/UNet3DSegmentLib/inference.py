@@ -1,0 +1,412 @@
+"""Sliding-window inference: tile a volume, run any predictor on batches of patches, blend.
+
+The tiling does not care what runs the network: ``predict`` is any callable mapping a batch of
+patches ``(n, pz, py, px, c)`` to per-voxel outputs ``(n, pz, py, px, k)`` (usually softmax
+probabilities). Numpy only; no TensorFlow here.
+
+Axis order: the image is channels-last ``(z, y, x, c)``; ``patch_size`` is ``(z, y, x)``.
+
+The work is split into small pure parts so that a later producer thread (prefetching batches) or
+slab-wise processing can reuse them: :func:`tile_starts` / :func:`grid_starts` (where tiles go),
+:func:`importance_map` (cached blending weights), :func:`assemble_batch` (patches into a
+preallocated buffer), :func:`predict_batch` (predictor call, shape check, test-time flips) and
+:func:`accumulate` (weighted sums into the output). :func:`sliding_window_predict` ties them together.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+import threading
+from functools import lru_cache
+from typing import Callable, Iterator, Optional, Sequence, Tuple
+
+import numpy as np
+
+from .errors import BadInputError, CancelledError
+
+Start = Tuple[int, int, int]
+Predictor = Callable[[np.ndarray], np.ndarray]
+ProgressCallback = Callable[[int, int], None]
+
+BLENDS = ("gaussian", "constant")
+GAUSSIAN_SIGMA_SCALE = 1.0 / 8.0  # sigma = patch side / 8 per axis (as nnU-Net)
+
+
+# --------------------------------------------------------------------------------------------------
+# Validation
+# --------------------------------------------------------------------------------------------------
+def validate_overlap(overlap: float) -> float:
+    """Return ``overlap`` as a float, or raise :class:`BadInputError` unless 0 <= overlap < 1."""
+    try:
+        value = float(overlap)
+    except (TypeError, ValueError) as error:
+        raise BadInputError(f"overlap must be a number >= 0 and < 1, got {overlap!r}") from error
+    if not 0.0 <= value < 1.0:  # also rejects NaN
+        raise BadInputError(f"overlap must be >= 0 and < 1, got {overlap}")
+    return value
+
+
+def validate_patch(patch_size: Sequence[int]) -> tuple[int, int, int]:
+    """Return ``patch_size`` as a 3-tuple of positive ints (z, y, x), or raise BadInputError."""
+    try:
+        patch = tuple(int(p) for p in patch_size)
+        exact = all(int(p) == p for p in patch_size)
+    except (TypeError, ValueError) as error:
+        raise BadInputError(
+            f"patch size must be three positive integers (z, y, x), got {patch_size!r}"
+        ) from error
+    if len(patch) != 3 or not exact or any(p < 1 for p in patch):
+        raise BadInputError(
+            f"patch size must be three positive integers (z, y, x), got {tuple(patch_size)!r}"
+        )
+    return patch  # type: ignore[return-value]
+
+
+def validate_blend(blend: str) -> str:
+    """Return ``blend`` if it is a known blending mode, else raise BadInputError."""
+    if blend not in BLENDS:
+        raise BadInputError(f"blend must be one of {', '.join(BLENDS)}, got {blend!r}")
+    return blend
+
+
+def validate_mirror_axes(mirror_axes: Optional[Sequence[int]]) -> tuple[int, ...]:
+    """Return the sorted, de-duplicated spatial axes to mirror (subset of 0, 1, 2), else raise."""
+    if mirror_axes is None:
+        return ()
+    try:
+        axes = tuple(sorted({int(a) for a in mirror_axes}))
+    except (TypeError, ValueError) as error:
+        raise BadInputError(
+            f"mirror axes must be a subset of (0, 1, 2) (z, y, x), got {mirror_axes!r}"
+        ) from error
+    if any(a not in (0, 1, 2) for a in axes):
+        raise BadInputError(
+            f"mirror axes must be a subset of (0, 1, 2) (z, y, x), got {tuple(mirror_axes)!r}"
+        )
+    return axes
+
+
+def _validate_image(image: np.ndarray, expected_channels: Optional[int]) -> np.ndarray:
+    """Return ``image`` as a float32 (z, y, x, c) array (no copy if it already is one)."""
+    array = np.asarray(image)
+    if array.ndim != 4:
+        raise BadInputError(
+            f"image must be 4-D channels-last (z, y, x, c), got {array.ndim}-D shape {array.shape}; "
+            "add a trailing channel axis for single-channel volumes"
+        )
+    if 0 in array.shape:
+        raise BadInputError(f"image must not have an empty axis, got shape {array.shape}")
+    if expected_channels is not None and array.shape[3] != expected_channels:
+        raise BadInputError(
+            f"image has {array.shape[3]} channel(s), the model expects {expected_channels}; "
+            "give one input volume per model input channel"
+        )
+    return np.asarray(array, dtype=np.float32)
+
+
+# --------------------------------------------------------------------------------------------------
+# Tiling
+# --------------------------------------------------------------------------------------------------
+def tile_starts(size: int, patch: int, overlap: float) -> list[int]:
+    """Evenly spaced tile starts along one axis, from 0 to flush with the far edge.
+
+    The largest allowed step is ``floor(patch * (1 - overlap))`` voxels (at least 1), so neighbouring
+    tiles always overlap by at least ``overlap``; the number of tiles is the fewest that allows it,
+    and the integer starts are spread evenly (no step exceeds the allowed one). The last start is
+    ``size - patch``; an axis no longer than the patch gets the single start 0.
+    """
+    overlap = validate_overlap(overlap)
+    size, patch = int(size), int(patch)
+    if patch < 1 or size < 1:
+        raise BadInputError(f"size and patch must be positive, got size {size}, patch {patch}")
+    if size <= patch:
+        return [0]
+    span = size - patch
+    # 1e-9 guards against 64 * (1 - 0.9) = 6.3999... style float error dropping a whole voxel.
+    max_step = max(1, math.floor(patch * (1.0 - overlap) + 1e-9))
+    intervals = -(-span // max_step)  # ceil
+    return [(i * span) // intervals for i in range(intervals + 1)]
+
+
+def grid_starts(
+    shape_zyx: Sequence[int], patch_size: Sequence[int], overlap: float
+) -> list[Start]:
+    """All tile starts ``(z, y, x)`` of a volume, z slowest, x fastest (C order)."""
+    patch = validate_patch(patch_size)
+    shape = tuple(int(s) for s in shape_zyx)
+    if len(shape) != 3:
+        raise BadInputError(f"volume shape must be three sizes (z, y, x), got {tuple(shape_zyx)!r}")
+    per_axis = [tile_starts(s, p, overlap) for s, p in zip(shape, patch)]
+    return list(itertools.product(*per_axis))  # type: ignore[arg-type]
+
+
+def count_patches(shape_zyx: Sequence[int], patch_size: Sequence[int], overlap: float) -> int:
+    """Number of tiles :func:`grid_starts` yields (one predictor pass, without test-time flips)."""
+    patch = validate_patch(patch_size)
+    return math.prod(
+        len(tile_starts(s, p, overlap)) for s, p in zip(tuple(int(s) for s in shape_zyx), patch)
+    )
+
+
+# --------------------------------------------------------------------------------------------------
+# Blending weights
+# --------------------------------------------------------------------------------------------------
+def importance_map(patch_size: Sequence[int], blend: str = "gaussian") -> np.ndarray:
+    """Per-voxel blending weight of a tile, float32 ``(pz, py, px)``, read-only and cached.
+
+    ``"constant"``: all ones (plain averaging). ``"gaussian"``: a separable Gaussian centred on the
+    tile (at ``(p - 1) / 2``, so it is mirror-symmetric) with sigma = side / 8 per axis, maximum 1;
+    the tile border, where the network sees least context, counts least. Values are clamped to the
+    smallest positive value so that no voxel ever gets weight 0 (every voxel is covered by a tile).
+    """
+    return _importance_map_cached(validate_patch(patch_size), validate_blend(blend))
+
+
+@lru_cache(maxsize=8)
+def _importance_map_cached(patch: tuple[int, int, int], blend: str) -> np.ndarray:
+    if blend == "constant":
+        weights = np.ones(patch, dtype=np.float32)
+    else:
+        profiles = []
+        for side in patch:
+            offset = np.arange(side, dtype=np.float64) - (side - 1) / 2.0
+            sigma = side * GAUSSIAN_SIGMA_SCALE
+            profile = np.exp(-0.5 * (offset / sigma) ** 2)
+            profiles.append(profile / profile.max())
+        weights = np.multiply.outer(np.multiply.outer(profiles[0], profiles[1]), profiles[2])
+        weights = weights.astype(np.float32)
+        positive = weights > 0
+        if not positive.all():
+            weights[~positive] = weights[positive].min()
+    weights.setflags(write=False)
+    return weights
+
+
+# --------------------------------------------------------------------------------------------------
+# Core loop parts
+# --------------------------------------------------------------------------------------------------
+def iter_batches(starts: Sequence[Start], batch_size: int) -> Iterator[Sequence[Start]]:
+    """Consecutive groups of at most ``batch_size`` tile starts."""
+    for first in range(0, len(starts), batch_size):
+        yield starts[first:first + batch_size]
+
+
+def assemble_batch(
+    image: np.ndarray, starts: Sequence[Start], patch: tuple[int, int, int], buffer: np.ndarray
+) -> np.ndarray:
+    """Copy the patches at ``starts`` into ``buffer[:n]`` (no allocation) and return that view."""
+    pz, py, px = patch
+    for i, (z, y, x) in enumerate(starts):
+        buffer[i] = image[z:z + pz, y:y + py, x:x + px]
+    return buffer[: len(starts)]
+
+
+def _flip_sets(mirror_axes: tuple[int, ...]) -> list[tuple[int, ...]]:
+    """Every subset of ``mirror_axes`` as batch-array axes (spatial axis + 1); first is no flip."""
+    return [
+        tuple(a + 1 for a in combo)
+        for r in range(len(mirror_axes) + 1)
+        for combo in itertools.combinations(mirror_axes, r)
+    ]
+
+
+def _checked_prediction(
+    predict: Predictor, batch: np.ndarray, classes: Optional[int]
+) -> np.ndarray:
+    """Call ``predict`` and check it gives one output per voxel of every patch."""
+    prediction = np.asarray(predict(batch))
+    expected_head = batch.shape[:4]
+    if (
+        prediction.ndim != 5
+        or prediction.shape[:4] != expected_head
+        or (classes is not None and prediction.shape[4] != classes)
+        or prediction.shape[4] < 1
+    ):
+        expected = expected_head + (classes if classes is not None else "k",)
+        raise BadInputError(
+            f"predictor returned shape {prediction.shape}, expected {expected}; it must map "
+            "(n, z, y, x, channels) patches to (n, z, y, x, classes) outputs of the same size"
+        )
+    return prediction
+
+
+class BatchBuffers:
+    """Preallocated arrays the core loop reuses for every batch (nothing is allocated per patch).
+
+    ``patches`` holds the assembled batch, ``flipped`` its mirrored copy for test-time flips, and
+    ``predictions`` the summed predictor outputs; the last two are made on first use, because the
+    number of classes is known only after the first predictor call.
+    """
+
+    def __init__(self, rows: int, patch: tuple[int, int, int], channels: int) -> None:
+        self.patches = np.empty((rows,) + patch + (channels,), dtype=np.float32)
+        self._flipped: Optional[np.ndarray] = None
+        self._predictions: Optional[np.ndarray] = None
+
+    @property
+    def classes(self) -> Optional[int]:
+        """Number of predictor outputs per voxel, once known."""
+        return None if self._predictions is None else self._predictions.shape[4]
+
+    def flipped(self, n: int) -> np.ndarray:
+        """The first ``n`` rows of the mirrored-input buffer."""
+        if self._flipped is None:
+            self._flipped = np.empty_like(self.patches)
+        return self._flipped[:n]
+
+    def predictions(self, n: int, classes: int) -> np.ndarray:
+        """The first ``n`` rows of the float32 prediction buffer with ``classes`` outputs."""
+        if self._predictions is None:
+            self._predictions = np.empty(self.patches.shape[:4] + (classes,), dtype=np.float32)
+        return self._predictions[:n]
+
+
+def predict_batch(
+    predict: Predictor,
+    batch: np.ndarray,
+    flips: Sequence[tuple[int, ...]],
+    buffers: BatchBuffers,
+    before_call: Callable[[], None],
+    after_call: Callable[[int], None],
+) -> np.ndarray:
+    """Sum of the predictions over every flip in ``flips`` (flip input, predict, flip back).
+
+    ``flips`` holds batch-array axes to mirror, ``()`` being the plain pass. ``before_call`` runs
+    before each predictor call (the cancel check), ``after_call(n)`` after it (progress). Returns a
+    view of ``buffers``' float32 prediction buffer, ``(n, pz, py, px, k)``.
+    """
+    n = batch.shape[0]
+    summed: Optional[np.ndarray] = None
+    for flip in flips:
+        before_call()
+        if flip:
+            model_input = buffers.flipped(n)
+            np.copyto(model_input, np.flip(batch, flip))
+        else:
+            model_input = batch
+        prediction = _checked_prediction(predict, model_input, buffers.classes)
+        if flip:
+            prediction = np.flip(prediction, flip)
+        if summed is None:
+            summed = buffers.predictions(n, prediction.shape[4])
+            np.copyto(summed, prediction, casting="same_kind")
+        else:
+            np.add(summed, prediction, out=summed, casting="same_kind")
+        after_call(n)
+    if summed is None:
+        raise BadInputError("no test-time flips to run; mirror axes produced an empty set")
+    return summed
+
+
+def accumulate(
+    output: np.ndarray,
+    weight_sum: np.ndarray,
+    prediction: np.ndarray,
+    starts: Sequence[Start],
+    weights: np.ndarray,
+) -> None:
+    """Add ``prediction * weights`` of each tile into ``output`` and ``weights`` into ``weight_sum``.
+
+    ``prediction`` is overwritten (weighted in place) to avoid a temporary per tile.
+    """
+    np.multiply(prediction, weights[np.newaxis, ..., np.newaxis], out=prediction)
+    pz, py, px = weights.shape
+    for i, (z, y, x) in enumerate(starts):
+        output[z:z + pz, y:y + py, x:x + px] += prediction[i]
+        weight_sum[z:z + pz, y:y + py, x:x + px] += weights
+
+
+def _pad_to_patch(
+    image: np.ndarray, patch: tuple[int, int, int]
+) -> tuple[np.ndarray, tuple[slice, slice, slice]]:
+    """Zero-pad axes shorter than the patch, image centred; return it and the crop back."""
+    shape = image.shape[:3]
+    if all(s >= p for s, p in zip(shape, patch)):
+        return image, (slice(None), slice(None), slice(None))
+    before = [max(p - s, 0) // 2 for s, p in zip(shape, patch)]
+    after = [max(p - s, 0) - b for s, p, b in zip(shape, patch, before)]
+    padded = np.pad(image, list(zip(before, after)) + [(0, 0)], mode="constant")
+    crop = tuple(slice(b, b + s) for b, s in zip(before, shape))
+    return padded, crop  # type: ignore[return-value]
+
+
+# --------------------------------------------------------------------------------------------------
+# Public entry point
+# --------------------------------------------------------------------------------------------------
+def sliding_window_predict(
+    image: np.ndarray,
+    predict: Predictor,
+    patch_size: Sequence[int] = (64, 64, 64),
+    overlap: float = 0.5,
+    blend: str = "gaussian",
+    batch_size: int = 2,
+    progress: Optional[ProgressCallback] = None,
+    cancel: Optional[threading.Event] = None,
+    mirror_axes: Optional[Sequence[int]] = None,
+    expected_channels: Optional[int] = None,
+) -> np.ndarray:
+    """Blend ``predict``'s outputs over overlapping tiles into one ``(z, y, x, k)`` float32 array.
+
+    Args:
+        image: channels-last ``(z, y, x, c)`` volume (converted to float32). Axes shorter than the
+            patch are zero-padded (image centred) and the output is cropped back.
+        predict: maps ``(n, pz, py, px, c)`` float32 patches to ``(n, pz, py, px, k)``. It must not
+            keep a reference to its input: the batch buffer is reused.
+        patch_size: ``(z, y, x)`` tile size the predictor takes.
+        overlap: fraction of a tile shared with its neighbour along each axis, ``0 <= overlap < 1``.
+        blend: ``"gaussian"`` (centre of a tile weighs most) or ``"constant"`` (plain average).
+        batch_size: tiles per predictor call.
+        progress: called as ``progress(done, total)`` after every predictor call, in patches;
+            ``total`` counts every test-time-augmentation pass.
+        cancel: checked before every predictor call; when set, :class:`CancelledError` is raised.
+        mirror_axes: spatial axes (subset of 0, 1, 2 = z, y, x) for test-time augmentation: the
+            prediction is averaged over all ``2 ** len(mirror_axes)`` flip combinations.
+        expected_channels: if given, the image's channel count must equal it.
+
+    Returns:
+        The weighted average of the tiles' outputs at every voxel, float32 ``(z, y, x, k)``.
+    """
+    image = _validate_image(image, expected_channels)
+    patch = validate_patch(patch_size)
+    overlap = validate_overlap(overlap)
+    weights = importance_map(patch, blend)
+    if isinstance(batch_size, bool) or int(batch_size) != batch_size or batch_size < 1:
+        raise BadInputError(f"batch size must be an integer >= 1, got {batch_size!r}")
+    batch_size = int(batch_size)
+    flips = _flip_sets(validate_mirror_axes(mirror_axes))
+
+    padded, crop = _pad_to_patch(image, patch)
+    shape = padded.shape[:3]
+    starts = grid_starts(shape, patch, overlap)
+    total = len(starts) * len(flips)
+    done = 0
+
+    def check_cancel() -> None:
+        if cancel is not None and cancel.is_set():
+            raise CancelledError(f"cancelled after {done} of {total} patches")
+
+    def report(n: int) -> None:
+        nonlocal done
+        done += n
+        if progress is not None:
+            progress(done, total)
+
+    rows = min(batch_size, len(starts))
+    buffers = BatchBuffers(rows, patch, padded.shape[3])
+    weight_sum = np.zeros(shape, dtype=np.float32)
+    output = np.empty((0,), dtype=np.float32)  # allocated once the number of classes is known
+
+    for batch_starts in iter_batches(starts, rows):
+        batch = assemble_batch(padded, batch_starts, patch, buffers.patches)
+        prediction = predict_batch(predict, batch, flips, buffers, check_cancel, report)
+        if output.ndim == 1:
+            output = np.zeros(shape + (prediction.shape[4],), dtype=np.float32)
+        accumulate(output, weight_sum, prediction, batch_starts, weights)
+
+    if len(flips) > 1:
+        weight_sum *= len(flips)  # the predictions were summed over the flips, not averaged
+    np.divide(output, weight_sum[..., np.newaxis], out=output)
+    if crop != (slice(None), slice(None), slice(None)):
+        output = np.ascontiguousarray(output[crop])
+    return output

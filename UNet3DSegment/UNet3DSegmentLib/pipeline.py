@@ -1,0 +1,197 @@
+"""The whole segmentation job: input images and a model in, a labelmap on the input's grid out.
+
+``segment_images`` works on in-memory SimpleITK images (used by the demo, the benchmark and tests);
+``segment_files`` adds reading, early output-path checks and atomic writing (used by the command line,
+and through it by the Slicer module and the web app). Both report progress as events (see
+``progress.py``) and stop between batches when ``cancel`` is set.
+"""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional, Sequence, Union
+
+import numpy as np
+
+from .errors import BadInputError
+from .progress import ProgressCallback, ProgressEmitter
+
+PathLike = Union[str, Path]
+TTA_AXES = (0, 1, 2)
+
+
+@dataclass(frozen=True)
+class SegmentOptions:
+    """How to run the sliding window; defaults suit most CPU and GPU runs."""
+
+    overlap: float = 0.5
+    batch_size: int = 2
+    blend: str = "gaussian"
+    tta: bool = False
+    largest_component: bool = False
+
+
+@dataclass
+class SegmentationResult:
+    """What a run produced: the labelmap (input geometry), optional probabilities, and figures."""
+
+    labels: Any  # SimpleITK.Image, uint8 labels on the input grid
+    card: Any  # ModelCard used
+    patches: int
+    seconds: float
+    probabilities: Optional[np.ndarray] = None  # (z, y, x, k) float32 on the input grid
+    timings: dict[str, float] = field(default_factory=dict)
+    output: Optional[Path] = None
+
+
+def _needs_resampling(card: Any) -> bool:
+    return card.input.spacing != "native"
+
+
+def segment_images(
+    images: Sequence[Any],
+    model: Any,
+    options: SegmentOptions = SegmentOptions(),
+    progress: Optional[ProgressCallback] = None,
+    cancel: Optional[threading.Event] = None,
+    keep_probabilities: bool = False,
+    emitter: Optional[ProgressEmitter] = None,
+) -> SegmentationResult:
+    """Segment channel images (one ``SimpleITK.Image`` per card channel) with a ``LoadedModel``."""
+    import SimpleITK as sitk
+
+    from .inference import sliding_window_predict
+    from .postprocessing import keep_largest_component, labels_from_probabilities
+    from .preprocessing import prepare
+
+    emitter = emitter or ProgressEmitter(progress)
+    card = model.card
+    if len(images) != model.in_channels:
+        names = ", ".join(card.input.channels)
+        raise BadInputError(
+            f"model {card.name} takes {model.in_channels} input volume(s) ({names}), got {len(images)}; "
+            "pass one volume per channel, in that order"
+        )
+    timings: dict[str, float] = {}
+
+    start = emitter.seconds
+    emitter.emit("preprocess", message="reorienting, resampling, normalising")
+    prepared = prepare(list(images), card)
+    timings["preprocess"] = emitter.seconds - start
+
+    start = emitter.seconds
+    counted: dict[str, int] = {"total": 0}
+
+    def on_patches(done: int, total: int) -> None:
+        counted["total"] = total
+        emitter.patches(done, total)
+
+    probabilities = sliding_window_predict(
+        prepared.array,
+        model.predict,
+        patch_size=model.patch_size,
+        overlap=options.overlap,
+        blend=options.blend,
+        batch_size=options.batch_size,
+        progress=on_patches,
+        cancel=cancel,
+        mirror_axes=TTA_AXES if options.tta else None,
+    )
+    timings["inference"] = emitter.seconds - start
+
+    start = emitter.seconds
+    emitter.emit("postprocess", message="labelmap on the input grid")
+    full_probabilities = None
+    if _needs_resampling(card) or keep_probabilities:
+        # Resample probabilities (linear) rather than labels: smoother, more exact boundaries.
+        full_probabilities = prepared.restore_probabilities(probabilities)
+        del probabilities
+        label_array = labels_from_probabilities(full_probabilities)
+        if options.largest_component:
+            label_array = keep_largest_component(label_array)
+        labels = sitk.GetImageFromArray(label_array)
+        labels.CopyInformation(prepared.original_image)
+    else:
+        label_array = labels_from_probabilities(probabilities)
+        del probabilities
+        if options.largest_component:
+            label_array = keep_largest_component(label_array)
+        labels = prepared.restore_labels(label_array)
+    timings["postprocess"] = emitter.seconds - start
+    return SegmentationResult(
+        labels=labels,
+        card=card,
+        patches=counted["total"],
+        seconds=emitter.seconds,
+        probabilities=full_probabilities if keep_probabilities else None,
+        timings=timings,
+    )
+
+
+def segment_files(
+    inputs: Sequence[PathLike],
+    output: PathLike,
+    model: Optional[PathLike] = None,
+    options: SegmentOptions = SegmentOptions(),
+    progress: Optional[ProgressCallback] = None,
+    cancel: Optional[threading.Event] = None,
+    probabilities: Optional[PathLike] = None,
+    overwrite: bool = False,
+) -> SegmentationResult:
+    """Read ``inputs`` (one file or DICOM folder per channel), segment, write ``output`` atomically.
+
+    Output paths are checked before anything expensive runs. ``model=None`` uses the bundled demo
+    model. Nothing is written unless the whole run succeeds.
+    """
+    from .bundled_models import default_model_path
+    from .image_io import (
+        check_output_path,
+        read_channels,
+        write_labelmap,
+        write_probabilities,
+        write_segmentation,
+    )
+    from .model_io import load_model
+
+    emitter = ProgressEmitter(progress)
+    if not inputs:
+        raise BadInputError("no input volume given; pass at least one image file or DICOM folder")
+    output_path = check_output_path(output, overwrite)
+    probabilities_path = check_output_path(probabilities, overwrite) if probabilities else None
+    if probabilities_path is not None and probabilities_path == output_path:
+        raise BadInputError("--probabilities must name another file than the output")
+
+    emitter.emit("load", message="reading input volume(s)")
+    images = read_channels([Path(p) for p in inputs])
+    emitter.emit("load", message="loading model")
+    loaded = load_model(Path(model) if model else default_model_path())
+
+    result = segment_images(
+        images,
+        loaded,
+        options,
+        cancel=cancel,
+        keep_probabilities=probabilities_path is not None,
+        emitter=emitter,
+    )
+    if cancel is not None and cancel.is_set():
+        from .errors import CancelledError
+
+        raise CancelledError("cancelled before writing; nothing was written")
+
+    emitter.emit("write", message=f"writing {output_path.name}")
+    if output_path.name.lower().endswith(".seg.nrrd"):
+        classes = [
+            (c.name, c.rgb01, c.terminology.to_slicer_string() if c.terminology else None)
+            for c in result.card.classes
+        ]
+        write_segmentation(result.labels, output_path, classes, overwrite=overwrite)
+    else:
+        write_labelmap(result.labels, output_path, overwrite=overwrite)
+    if probabilities_path is not None:
+        write_probabilities(result.probabilities, result.labels, probabilities_path, overwrite=overwrite)
+    result.output = output_path
+    emitter.emit("done", message=f"wrote {output_path}", output=str(output_path), patches=result.patches)
+    return result
