@@ -63,6 +63,14 @@ def validate_patch(patch_size: Sequence[int]) -> tuple[int, int, int]:
     return patch  # type: ignore[return-value]
 
 
+def validate_batch_size(batch_size: int) -> int:
+    """Return ``batch_size`` as an int >= 1, or raise BadInputError."""
+    if isinstance(batch_size, (int, np.integer)) and not isinstance(batch_size, bool):
+        if batch_size >= 1:
+            return int(batch_size)
+    raise BadInputError(f"batch size must be an integer >= 1, got {batch_size!r}")
+
+
 def validate_blend(blend: str) -> str:
     """Return ``blend`` if it is a known blending mode, else raise BadInputError."""
     if blend not in BLENDS:
@@ -272,31 +280,32 @@ def predict_batch(
 ) -> np.ndarray:
     """Sum of the predictions over every flip in ``flips`` (flip input, predict, flip back).
 
-    ``flips`` holds batch-array axes to mirror, ``()`` being the plain pass. ``before_call`` runs
+    ``flips`` holds batch-array axes to mirror, its first entry ``()`` being the plain pass. ``before_call`` runs
     before each predictor call (the cancel check), ``after_call(n)`` after it (progress). Returns a
     view of ``buffers``' float32 prediction buffer, ``(n, pz, py, px, k)``.
     """
     n = batch.shape[0]
-    summed: Optional[np.ndarray] = None
-    for flip in flips:
+    before_call()
+    first = _one_pass(predict, batch, flips[0], buffers)
+    summed = buffers.predictions(n, first.shape[4])
+    np.copyto(summed, first, casting="same_kind")
+    after_call(n)
+    for flip in flips[1:]:
         before_call()
-        if flip:
-            model_input = buffers.flipped(n)
-            np.copyto(model_input, np.flip(batch, flip))
-        else:
-            model_input = batch
-        prediction = _checked_prediction(predict, model_input, buffers.classes)
-        if flip:
-            prediction = np.flip(prediction, flip)
-        if summed is None:
-            summed = buffers.predictions(n, prediction.shape[4])
-            np.copyto(summed, prediction, casting="same_kind")
-        else:
-            np.add(summed, prediction, out=summed, casting="same_kind")
+        np.add(summed, _one_pass(predict, batch, flip, buffers), out=summed, casting="same_kind")
         after_call(n)
-    if summed is None:
-        raise BadInputError("no test-time flips to run; mirror axes produced an empty set")
     return summed
+
+
+def _one_pass(
+    predict: Predictor, batch: np.ndarray, flip: tuple[int, ...], buffers: BatchBuffers
+) -> np.ndarray:
+    """Predict ``batch`` mirrored along the batch-array axes ``flip``; return it mirrored back."""
+    if not flip:
+        return _checked_prediction(predict, batch, buffers.classes)
+    mirrored = buffers.flipped(batch.shape[0])
+    np.copyto(mirrored, np.flip(batch, flip))
+    return np.flip(_checked_prediction(predict, mirrored, buffers.classes), flip)
 
 
 def accumulate(
@@ -371,9 +380,7 @@ def sliding_window_predict(
     patch = validate_patch(patch_size)
     overlap = validate_overlap(overlap)
     weights = importance_map(patch, blend)
-    if isinstance(batch_size, bool) or int(batch_size) != batch_size or batch_size < 1:
-        raise BadInputError(f"batch size must be an integer >= 1, got {batch_size!r}")
-    batch_size = int(batch_size)
+    batch_size = validate_batch_size(batch_size)
     flips = _flip_sets(validate_mirror_axes(mirror_axes))
 
     padded, crop = _pad_to_patch(image, patch)
