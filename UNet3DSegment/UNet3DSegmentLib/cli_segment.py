@@ -58,7 +58,9 @@ def run(args: argparse.Namespace) -> int:
             raise BadInputError(f"input {item} does not exist; check the path")
     from .model_io import configure_tensorflow
     from .pipeline import SegmentOptions, segment_files
+    from .tf_runtime import import_tensorflow_quietly
 
+    import_tensorflow_quietly()
     configure_tensorflow(args.device, threads=args.threads)
     options = SegmentOptions(
         overlap=args.overlap,

@@ -10,7 +10,8 @@ The work is split into small pure parts so that a later producer thread (prefetc
 slab-wise processing can reuse them: :func:`tile_starts` / :func:`grid_starts` (where tiles go),
 :func:`importance_map` (cached blending weights), :func:`assemble_batch` (patches into a
 preallocated buffer), :func:`predict_batch` (predictor call, shape check, test-time flips) and
-:func:`accumulate` (weighted sums into the output). :func:`sliding_window_predict` ties them together.
+:func:`accumulate` (weighted sums into the output). :func:`sliding_window_predict` ties them
+together.
 """
 
 from __future__ import annotations
@@ -100,7 +101,8 @@ def _validate_image(image: np.ndarray, expected_channels: Optional[int]) -> np.n
     array = np.asarray(image)
     if array.ndim != 4:
         raise BadInputError(
-            f"image must be 4-D channels-last (z, y, x, c), got {array.ndim}-D shape {array.shape}; "
+            f"image must be 4-D channels-last (z, y, x, c), got {array.ndim}-D shape "
+            f"{array.shape}; "
             "add a trailing channel axis for single-channel volumes"
         )
     if 0 in array.shape:
@@ -119,10 +121,10 @@ def _validate_image(image: np.ndarray, expected_channels: Optional[int]) -> np.n
 def tile_starts(size: int, patch: int, overlap: float) -> list[int]:
     """Evenly spaced tile starts along one axis, from 0 to flush with the far edge.
 
-    The largest allowed step is ``floor(patch * (1 - overlap))`` voxels (at least 1), so neighbouring
-    tiles always overlap by at least ``overlap``; the number of tiles is the fewest that allows it,
-    and the integer starts are spread evenly (no step exceeds the allowed one). The last start is
-    ``size - patch``; an axis no longer than the patch gets the single start 0.
+    The largest allowed step is ``floor(patch * (1 - overlap))`` voxels (at least 1), so
+    neighbouring tiles always overlap by at least ``overlap``; the number of tiles is the fewest
+    that allows it, and the integer starts are spread evenly (rounded; no step exceeds the allowed
+    one). The last start is ``size - patch``; an axis no longer than the patch gets the start 0.
     """
     overlap = validate_overlap(overlap)
     size, patch = int(size), int(patch)
@@ -134,7 +136,8 @@ def tile_starts(size: int, patch: int, overlap: float) -> list[int]:
     # 1e-9 guards against 64 * (1 - 0.9) = 6.3999... style float error dropping a whole voxel.
     max_step = max(1, math.floor(patch * (1.0 - overlap) + 1e-9))
     intervals = -(-span // max_step)  # ceil
-    return [(i * span) // intervals for i in range(intervals + 1)]
+    # i * span / intervals rounded half up: consecutive steps differ by at most one voxel.
+    return [(2 * i * span + intervals) // (2 * intervals) for i in range(intervals + 1)]
 
 
 def grid_starts(
@@ -176,18 +179,27 @@ def _importance_map_cached(patch: tuple[int, int, int], blend: str) -> np.ndarra
     if blend == "constant":
         weights = np.ones(patch, dtype=np.float32)
     else:
-        profiles = []
-        for side in patch:
-            offset = np.arange(side, dtype=np.float64) - (side - 1) / 2.0
-            sigma = side * GAUSSIAN_SIGMA_SCALE
-            profile = np.exp(-0.5 * (offset / sigma) ** 2)
-            profiles.append(profile / profile.max())
-        weights = np.multiply.outer(np.multiply.outer(profiles[0], profiles[1]), profiles[2])
-        weights = weights.astype(np.float32)
-        positive = weights > 0
-        if not positive.all():
-            weights[~positive] = weights[positive].min()
+        weights = gaussian_weights(patch, GAUSSIAN_SIGMA_SCALE)
     weights.setflags(write=False)
+    return weights
+
+
+def gaussian_weights(patch: tuple[int, int, int], sigma_scale: float) -> np.ndarray:
+    """Separable Gaussian, sigma = side * ``sigma_scale``, max 1, zeros raised to the least value.
+
+    With sigma = side / 8 nothing underflows (corners are ~4 sigma out per axis, ~4e-11); the clamp
+    guards narrower Gaussians, where a zero weight would leave tile corners undefined.
+    """
+    profiles = []
+    for side in patch:
+        offset = np.arange(side, dtype=np.float64) - (side - 1) / 2.0
+        profile = np.exp(-0.5 * (offset / (side * sigma_scale)) ** 2)
+        profiles.append(profile / profile.max())
+    weights = np.multiply.outer(np.multiply.outer(profiles[0], profiles[1]), profiles[2])
+    weights = weights.astype(np.float32)
+    positive = weights > 0
+    if not positive.all():
+        weights[~positive] = weights[positive].min()
     return weights
 
 
@@ -231,9 +243,9 @@ def _checked_prediction(
         or (classes is not None and prediction.shape[4] != classes)
         or prediction.shape[4] < 1
     ):
-        expected = expected_head + (classes if classes is not None else "k",)
+        expected = ", ".join(str(d) for d in expected_head) + f", {classes or 'k'}"
         raise BadInputError(
-            f"predictor returned shape {prediction.shape}, expected {expected}; it must map "
+            f"predictor returned shape {prediction.shape}, expected ({expected}); it must map "
             "(n, z, y, x, channels) patches to (n, z, y, x, classes) outputs of the same size"
         )
     return prediction
@@ -280,9 +292,9 @@ def predict_batch(
 ) -> np.ndarray:
     """Sum of the predictions over every flip in ``flips`` (flip input, predict, flip back).
 
-    ``flips`` holds batch-array axes to mirror, its first entry ``()`` being the plain pass. ``before_call`` runs
-    before each predictor call (the cancel check), ``after_call(n)`` after it (progress). Returns a
-    view of ``buffers``' float32 prediction buffer, ``(n, pz, py, px, k)``.
+    ``flips`` holds batch-array axes to mirror, its first entry ``()`` being the plain pass.
+    ``before_call`` runs before each predictor call (the cancel check), ``after_call(n)`` after it
+    (progress). Returns a view of ``buffers``' float32 prediction buffer, ``(n, pz, py, px, k)``.
     """
     n = batch.shape[0]
     before_call()
@@ -315,7 +327,7 @@ def accumulate(
     starts: Sequence[Start],
     weights: np.ndarray,
 ) -> None:
-    """Add ``prediction * weights`` of each tile into ``output`` and ``weights`` into ``weight_sum``.
+    """Add each tile's ``prediction * weights`` into ``output`` and ``weights`` into ``weight_sum``.
 
     ``prediction`` is overwritten (weighted in place) to avoid a temporary per tile.
     """

@@ -1,0 +1,280 @@
+"""EngineProcess against a stand-in child: JSON-lines events, exit codes -> error kinds, tree cancel.
+
+The stand-in is a small Python script (no TensorFlow) that behaves like the engine's command line:
+it prints progress lines, noise, errors, exits with the engine's codes, and can start a grandchild,
+so that cancelling is checked on a real process tree.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+
+from UNet3DSegmentLib.engine_process import (
+    MODULE_DIR,
+    EngineOptions,
+    EngineProcess,
+    engine_environment,
+    error_for_exit,
+    segment_command,
+)
+from UNet3DSegmentLib.errors import (
+    BadInputError,
+    BadModelError,
+    CancelledError,
+    OutOfMemoryError,
+    UNet3DSegmentError,
+)
+
+STAND_IN = textwrap.dedent(
+    r'''
+    import json, os, signal, subprocess, sys, time
+
+    def emit(**event):
+        print(json.dumps(event, ensure_ascii=False), flush=True)
+
+    mode = sys.argv[1]
+    if mode == "ok":
+        print("some library chatter on stdout", flush=True)
+        emit(stage="load", done=0, total=0, seconds=0.0, message="reading")
+        for done in range(1, 4):
+            emit(stage="inference", done=done, total=3, seconds=0.01 * done, message=f"patch {done}/3")
+        print("warning: something on stderr", file=sys.stderr, flush=True)
+        emit(stage="done", done=3, total=3, seconds=0.05, message="", output=sys.argv[2])
+        sys.exit(0)
+    if mode == "fail":
+        code, kind, message = int(sys.argv[2]), sys.argv[3], sys.argv[4]
+        emit(stage="inference", done=1, total=9, seconds=0.1, message="patch 1/9")
+        emit(stage="error", done=0, total=0, seconds=0.2, kind=kind, message=message, exit_code=code)
+        print("unet3d-segment: error: " + message, file=sys.stderr, flush=True)
+        sys.exit(code)
+    if mode == "stderr-only":
+        print("Traceback (most recent call last):\n  File 'x.py'\nValueError: boom at the end",
+              file=sys.stderr, flush=True)
+        sys.exit(int(sys.argv[2]))
+    if mode == "no-output":
+        emit(stage="load", done=0, total=0, seconds=0.0, message="reading")
+        sys.exit(0)
+    if mode == "killed":
+        emit(stage="inference", done=1, total=5, seconds=0.1, message="patch 1/5")
+        os.kill(os.getpid(), signal.SIGKILL)
+    if mode in ("tree", "stubborn", "graceful"):
+        pid_file = sys.argv[2]
+        if mode == "stubborn":
+            signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        if mode == "graceful":
+            def on_term(signum, frame):
+                emit(stage="error", done=0, total=0, seconds=1.0, kind="cancelled",
+                     message="cancelled; nothing was written", exit_code=5)
+                sys.exit(5)
+            signal.signal(signal.SIGTERM, on_term)
+        grandchild_code = "import signal, time\n"
+        if mode == "stubborn":
+            grandchild_code += "signal.signal(signal.SIGTERM, signal.SIG_IGN)\n"
+        grandchild_code += "time.sleep(600)\n"
+        grandchild = subprocess.Popen([sys.executable, "-c", grandchild_code])
+        with open(pid_file, "w") as f:
+            f.write(f"{os.getpid()} {grandchild.pid}")
+        emit(stage="inference", done=1, total=100, seconds=0.1, message="patch 1/100")
+        while True:
+            time.sleep(0.05)
+    raise SystemExit(f"unknown mode {mode}")
+    '''
+)
+
+
+@pytest.fixture()
+def stand_in(tmp_path: Path) -> Path:
+    path = tmp_path / "stand_in_engine.py"
+    path.write_text(STAND_IN)
+    return path
+
+
+def run_to_end(process: EngineProcess, timeout: float = 20.0) -> list[dict]:
+    """Drain events the way the Slicer QTimer does, until the child is finished."""
+    events: list[dict] = []
+    deadline = time.monotonic() + timeout
+    while not process.finished:
+        events += process.poll()
+        assert time.monotonic() < deadline, "stand-in child did not finish"
+        time.sleep(0.01)
+    return events + process.poll()
+
+
+def gone(pid: int) -> bool:
+    try:
+        return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return True
+
+
+def wait_for_pids(pid_file: Path, timeout: float = 10.0) -> tuple[int, int]:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if pid_file.exists() and len(pid_file.read_text().split()) == 2:
+            child, grandchild = (int(p) for p in pid_file.read_text().split())
+            return child, grandchild
+        time.sleep(0.01)
+    raise AssertionError("stand-in did not start its grandchild")
+
+
+def test_events_arrive_in_order_and_output_is_reported(stand_in: Path, tmp_path: Path) -> None:
+    output = tmp_path / "résultat.nrrd"  # non-ASCII path travels through the JSON line
+    process = EngineProcess.start([sys.executable, str(stand_in), "ok", str(output)])
+    events = run_to_end(process)
+    assert [e["stage"] for e in events] == ["load", "inference", "inference", "inference", "done"]
+    assert [e["done"] for e in events if e["stage"] == "inference"] == [1, 2, 3]
+    assert process.returncode == 0
+    assert process.error() is None
+    assert process.output == output
+    assert process.stderr_tail == ["some library chatter on stdout", "warning: something on stderr"]
+    assert process.poll() == []  # drained
+
+
+@pytest.mark.parametrize(
+    ("code", "kind", "error_type"),
+    [
+        (3, "bad-input", BadInputError),
+        (4, "bad-model", BadModelError),
+        (6, "out-of-memory", OutOfMemoryError),
+        (1, "internal", UNet3DSegmentError),
+    ],
+)
+def test_exit_code_maps_to_error_kind_with_childs_message(
+    stand_in: Path, code: int, kind: str, error_type: type
+) -> None:
+    message = f"input volume µ{code} is   empty; choose another"
+    process = EngineProcess.start([sys.executable, str(stand_in), "fail", str(code), kind, message])
+    events = run_to_end(process)
+    assert events[-1]["stage"] == "error" and events[-1]["exit_code"] == code
+    error = process.error()
+    assert type(error) is error_type
+    assert str(error) == f"input volume µ{code} is empty; choose another"  # one line, spaces collapsed
+    assert error.exit_code == code
+
+
+def test_without_error_event_the_last_stderr_line_is_the_message(stand_in: Path) -> None:
+    process = EngineProcess.start([sys.executable, str(stand_in), "stderr-only", "4"])
+    run_to_end(process)
+    error = process.error()
+    assert type(error) is BadModelError
+    assert str(error) == "ValueError: boom at the end"
+
+
+def test_success_without_done_event_is_an_error(stand_in: Path) -> None:
+    process = EngineProcess.start([sys.executable, str(stand_in), "no-output"])
+    run_to_end(process)
+    assert process.returncode == 0
+    assert type(process.error()) is UNet3DSegmentError
+    assert "without reporting its output" in str(process.error())
+
+
+@pytest.mark.skipif(os.name == "nt", reason="POSIX signals")
+def test_killed_child_is_reported_with_the_signal(stand_in: Path) -> None:
+    process = EngineProcess.start([sys.executable, str(stand_in), "killed"])
+    run_to_end(process)
+    assert process.returncode == -9
+    error = process.error()
+    assert type(error) is UNet3DSegmentError
+    assert str(error).startswith("engine was killed by SIGKILL (often: out of memory)")
+
+
+@pytest.mark.parametrize("mode", ["tree", "stubborn", "graceful"])
+def test_cancel_ends_the_whole_tree(stand_in: Path, tmp_path: Path, mode: str) -> None:
+    pid_file = tmp_path / f"{mode}.pids"
+    process = EngineProcess.start([sys.executable, str(stand_in), mode, str(pid_file)])
+    child, grandchild = wait_for_pids(pid_file)
+    assert not gone(child) and not gone(grandchild)
+    start = time.monotonic()
+    process.cancel(grace_seconds=0.5)
+    elapsed = time.monotonic() - start
+    assert gone(child)
+    deadline = time.monotonic() + 5.0
+    while not gone(grandchild) and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert gone(grandchild), "grandchild survived the cancel"
+    assert process.finished and process.cancelled
+    assert type(process.error()) is CancelledError
+    if mode == "stubborn":
+        assert 0.5 <= elapsed < 5.0  # SIGTERM ignored: SIGKILL after the grace period
+        assert process.returncode == -9
+    elif mode == "graceful":
+        assert elapsed < 0.5 and process.returncode == 5
+        assert process.last_error["kind"] == "cancelled"
+    else:
+        assert process.returncode == -15
+
+
+def test_cancel_after_the_end_keeps_the_result(stand_in: Path, tmp_path: Path) -> None:
+    process = EngineProcess.start([sys.executable, str(stand_in), "ok", str(tmp_path / "out.nrrd")])
+    run_to_end(process)
+    process.cancel(grace_seconds=0.1)
+    assert not process.cancelled and process.error() is None
+
+
+def test_missing_interpreter_is_bad_input(tmp_path: Path) -> None:
+    with pytest.raises(BadInputError, match="not found; choose an existing interpreter"):
+        EngineProcess.start([str(tmp_path / "no-such-python"), "-m", "UNet3DSegmentLib"])
+
+
+def test_wait_times_out_then_returns_the_code(stand_in: Path, tmp_path: Path) -> None:
+    pid_file = tmp_path / "wait.pids"
+    process = EngineProcess.start([sys.executable, str(stand_in), "tree", str(pid_file)])
+    wait_for_pids(pid_file)
+    assert process.wait(timeout=0.05) is None
+    process.cancel(grace_seconds=0.5)
+    assert process.wait(timeout=1.0) == -15
+
+
+def test_segment_command_lists_only_chosen_options() -> None:
+    command = segment_command("/py", ["/in/t1.nrrd", "/in/t2.nrrd"], "/out/seg.nrrd")
+    assert command == ["/py", "-m", "UNet3DSegmentLib", "segment", "/in/t1.nrrd", "/in/t2.nrrd",
+                       "-o", "/out/seg.nrrd", "--progress", "json"]
+    options = EngineOptions(overlap=0.25, batch_size=4, blend="constant", tta=True, device="GPU",
+                            precision="bf16", largest_component=True, extra_arguments=("--threads", 1))
+    command = segment_command("/py", ["/in/t1.nrrd"], "/o.nrrd", model="/m/model.keras", options=options)
+    assert command[4:] == ["/in/t1.nrrd", "-o", "/o.nrrd", "--model", "/m/model.keras", "--overlap", "0.25",
+                           "--batch-size", "4", "--blend", "constant", "--tta", "--device", "gpu",
+                           "--precision", "bf16", "--largest-component", "--threads", "1", "--progress", "json"]
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        (EngineOptions(overlap=1.0), "overlap must be >= 0 and < 1, got 1.0"),
+        (EngineOptions(batch_size=0), "batch size must be a positive integer, got 0"),
+        (EngineOptions(device="tpu"), "device must be one of auto, cpu, gpu, got 'tpu'"),
+        (EngineOptions(precision="int8"), "precision must be one of auto, fp32, bf16, fp16, got 'int8'"),
+    ],
+)
+def test_bad_options_are_bad_input(options: EngineOptions, message: str) -> None:
+    with pytest.raises(BadInputError) as caught:
+        segment_command("/py", ["/in.nrrd"], "/o.nrrd", options=options)
+    assert str(caught.value) == message
+
+
+def test_no_input_is_bad_input() -> None:
+    with pytest.raises(BadInputError, match="no input volume"):
+        segment_command("/py", [], "/o.nrrd")
+
+
+def test_environment_puts_the_engine_first_on_pythonpath() -> None:
+    env = engine_environment({"PYTHONPATH": os.pathsep.join(["/a", str(MODULE_DIR)]), "HOME": "/h"})
+    assert env["PYTHONPATH"].split(os.pathsep) == [str(MODULE_DIR), "/a"]
+    assert env["HOME"] == "/h" and env["PYTHONIOENCODING"] == "utf-8" and env["PYTHONUNBUFFERED"] == "1"
+    assert (MODULE_DIR / "UNet3DSegmentLib" / "__main__.py").is_file()
+
+
+def test_error_for_exit_without_any_message() -> None:
+    error = error_for_exit(3)
+    assert type(error) is BadInputError
+    assert str(error) == "engine failed with exit code 3 and no message; run it in a terminal to see why"
+    assert error_for_exit(0) is None
+    assert type(error_for_exit(0, cancelled=True)) is CancelledError
+    assert type(error_for_exit(5)) is CancelledError
