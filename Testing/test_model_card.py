@@ -281,7 +281,8 @@ BAD_FIELDS = [
     ("format_version", "1", 'format_version must be 1, got "1"'),
     ("format_version", DELETE, "format_version is missing"),
     ("name", 3, "name must be a non-empty string, got 3"),
-    ("version", None, "version must be a non-empty string, got null"),
+    ("version", None, "version must be a string, got null"),
+    ("description", 5, "description must be a string, got 5"),
     ("network.base_filters", 0, "network.base_filters must be an integer >= 1, got 0"),
     ("network.base_filters", 2.0, "network.base_filters must be an integer >= 1"),
     ("network.dropout_rate", 1.0, "network.dropout_rate must be >= 0 and < 1, got 1.0"),
@@ -302,6 +303,12 @@ def test_every_bad_field_is_named(where, value, message):
     text = str(caught.value)
     assert text.startswith(f"model card tiny.json: {message}"), text
     assert "\n" not in text
+
+
+def test_description_may_span_lines():
+    data = tiny_card_data()
+    data["description"] = "Line one.\nLine two."
+    assert card_from_dict(data).description == "Line one.\nLine two."
 
 
 def test_training_is_free_form():

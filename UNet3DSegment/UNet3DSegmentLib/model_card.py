@@ -243,10 +243,12 @@ class _Fields:
                 raise self.fail(f"{prefix}{key}", "is missing; add it (see the model card format)")
         return value
 
-    def text(self, value: Any, where: str, allow_empty: bool = False) -> str:
+    def text(self, value: Any, where: str, allow_empty: bool = False, one_line: bool = True) -> str:
+        """A string; names must be one line (they end up in NRRD header fields)."""
         if not isinstance(value, str) or (not allow_empty and not value.strip()):
-            raise self.fail(where, f"must be a non-empty string, got {_show(value)}")
-        if "\n" in value or "\r" in value:
+            kind = "a string" if allow_empty else "a non-empty string"
+            raise self.fail(where, f"must be {kind}, got {_show(value)}")
+        if one_line and ("\n" in value or "\r" in value):
             raise self.fail(where, "must be one line (no line breaks)")
         return value
 
@@ -307,8 +309,8 @@ def card_from_dict(data: Mapping[str, Any], source: str = "(in memory)") -> Mode
         format_version=version,
         name=f.text(data["name"], "name"),
         version=f.text(data.get("version", ""), "version", allow_empty=True),
-        description=f.text(data.get("description", ""), "description", allow_empty=True),
-        intended_use=f.text(data.get("intended_use", ""), "intended_use", allow_empty=True),
+        description=f.text(data.get("description", ""), "description", allow_empty=True, one_line=False),
+        intended_use=f.text(data.get("intended_use", ""), "intended_use", allow_empty=True, one_line=False),
         network=_parse_network(f, data.get("network", {})),
         input=_parse_input(f, data["input"]),
         classes=_parse_classes(f, data["classes"]),

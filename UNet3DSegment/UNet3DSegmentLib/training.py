@@ -462,7 +462,13 @@ def train(
               ", ".join(f"{k} {v:.3f}" for k, v in per_class.items()) + (" (best)" if improved else ""),
               epoch=epoch, dice=per_class, best=improved)
 
-    from .model_card import card_path_for_model
+    from .model_card import card_from_dict, card_path_for_model, load_card, save_card
 
+    card_path = card_path_for_model(output)
+    if card_path.is_file():  # the card keeps the best epoch's model but the whole run's history
+        data = load_card(card_path).to_dict()
+        data["training"].update(history=state["history"], epochs_run=state["epoch"],
+                                training_seconds=round(time.perf_counter() - start_time, 1))
+        save_card(card_from_dict(data, source=card_path.name), card_path)
     return TrainingResult(output, card_path_for_model(output), state["history"], state["best_epoch"],
                           state.get("best_dice", {}), time.perf_counter() - start_time, precision)

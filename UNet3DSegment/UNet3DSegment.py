@@ -1,0 +1,442 @@
+import enum
+import html
+import logging
+import os
+import pathlib
+import shutil
+import sys
+import tempfile
+import time
+from typing import Annotated, Optional
+
+import qt
+import vtk
+
+import slicer
+from slicer.i18n import tr as _
+from slicer.i18n import translate
+from slicer.ScriptedLoadableModule import *
+from slicer.util import VTKObservationMixin
+from slicer.parameterNodeWrapper import (
+    parameterNodeWrapper,
+    WithinRange,
+)
+
+from slicer import vtkMRMLScalarVolumeNode, vtkMRMLSegmentationNode
+
+from UNet3DSegmentLib import dependencies, panel_text, phantom
+from UNet3DSegmentLib.errors import BadInputError, CancelledError, UNet3DSegmentError
+from UNet3DSegmentLib.mrml_logic import UNet3DSegmentLogic as SegmentationLogicBase
+
+MAX_CHANNELS = 4  # input selectors in the panel; the Python API takes any number
+
+
+#
+# UNet3DSegment
+#
+
+
+class UNet3DSegment(ScriptedLoadableModule):
+    """Segment volumes with a Keras 3D U-Net (sliding-window inference in a child process)."""
+
+    def __init__(self, parent):
+        ScriptedLoadableModule.__init__(self, parent)
+        self.parent.title = _("UNet3D Segment")
+        self.parent.categories = [translate("qSlicerAbstractCoreModule", "Segmentation")]
+        self.parent.dependencies = []
+        self.parent.contributors = ["UNet3DSegment developers"]
+        self.parent.helpText = _("""
+Segment the loaded volume with a Keras 3D U-Net by sliding-window patch inference on the GPU or CPU.
+The result is a segmentation with the model card's segment names, colours and terminology.
+Inference runs in a separate process: Slicer stays responsive and Segment turns into Cancel.
+The bundled brain-tissue model is a demonstration model, not for clinical use.
+See <a href="https://github.com/unet3dsegment/UNet3DSegment#readme">the documentation</a>.
+""")
+        self.parent.acknowledgementText = _("""
+Built on the 3D U-Net of Cicek et al. (2016), TensorFlow/Keras, SimpleITK and 3D Slicer.
+""")
+
+
+#
+# UNet3DSegmentParameterNode
+#
+
+
+class Device(enum.Enum):
+    AUTO = "auto"
+    GPU = "gpu"
+    CPU = "cpu"
+
+    def label(self):
+        return {"auto": _("Automatic (GPU if available)"), "gpu": _("GPU"), "cpu": _("CPU")}[self.value]
+
+
+class Precision(enum.Enum):
+    AUTO = "auto"
+    FP32 = "fp32"
+    BF16 = "bf16"
+    FP16 = "fp16"
+
+    def label(self):
+        return {"auto": _("Automatic"), "fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}[self.value]
+
+
+@parameterNodeWrapper
+class UNet3DSegmentParameterNode:
+    """The panel's choices, saved with the scene. inputVolume0..3 are the model card's channels in order."""
+
+    inputVolume0: vtkMRMLScalarVolumeNode
+    inputVolume1: vtkMRMLScalarVolumeNode
+    inputVolume2: vtkMRMLScalarVolumeNode
+    inputVolume3: vtkMRMLScalarVolumeNode
+    outputSegmentation: vtkMRMLSegmentationNode
+    modelPath: pathlib.Path
+    device: Device = Device.AUTO
+    overlap: Annotated[float, WithinRange(0.0, 0.95)] = 0.5
+    batchSize: Annotated[int, WithinRange(1, 64)] = 2
+    tta: bool = False
+    largestComponent: bool = False
+    precision: Precision = Precision.AUTO
+    pythonExecutable: str = ""
+
+
+#
+# UNet3DSegmentWidget
+#
+
+
+class UNet3DSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
+    """Panel: pick volumes and a model, Segment (turns into Cancel), follow progress; runs never block Slicer."""
+
+    def __init__(self, parent=None) -> None:
+        ScriptedLoadableModuleWidget.__init__(self, parent)
+        VTKObservationMixin.__init__(self)
+        self.logic = None
+        self._parameterNode = None
+        self._parameterNodeGuiTag = None
+        self._job = None
+        self._card = None
+        self._tracker = None
+
+    def setup(self) -> None:
+        ScriptedLoadableModuleWidget.setup(self)
+        uiWidget = slicer.util.loadUI(self.resourcePath("UI/UNet3DSegment.ui"))
+        self.layout.addWidget(uiWidget)
+        self.ui = slicer.util.childWidgetVariables(uiWidget)
+        uiWidget.setMRMLScene(slicer.mrmlScene)
+        self.logic = UNet3DSegmentLogic()
+        self._inputLabels = [self.ui.inputVolumeLabel0, self.ui.inputVolumeLabel1, self.ui.inputVolumeLabel2,
+                             self.ui.inputVolumeLabel3]
+        self._inputSelectors = [self.ui.inputVolumeSelector0, self.ui.inputVolumeSelector1,
+                                self.ui.inputVolumeSelector2, self.ui.inputVolumeSelector3]
+        self._timer = qt.QTimer()
+        self._timer.setInterval(100)
+        self._timer.connect("timeout()", self.onPoll)
+
+        self.addObserver(slicer.mrmlScene, slicer.mrmlScene.StartCloseEvent, self.onSceneStartClose)
+        self.addObserver(slicer.mrmlScene, slicer.mrmlScene.EndCloseEvent, self.onSceneEndClose)
+        self.ui.segmentButton.connect("clicked(bool)", self.onSegmentButton)
+        self.ui.bundledModelButton.connect("clicked(bool)", self.onBundledModelButton)
+        self.ui.pythonBrowseButton.connect("clicked(bool)", self.onPythonBrowseButton)
+        self.ui.modelPathLineEdit.connect("currentPathChanged(QString)", self.onModelChanged)
+        self.initializeParameterNode()
+
+    def cleanup(self) -> None:
+        self._cancelJob()
+        self._timer.stop()
+        self.removeObservers()
+
+    def enter(self) -> None:
+        self.initializeParameterNode()
+
+    def exit(self) -> None:
+        if self._parameterNode:
+            self._parameterNode.disconnectGui(self._parameterNodeGuiTag)
+            self._parameterNodeGuiTag = None
+            self.removeObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self._checkCanApply)
+
+    def onSceneStartClose(self, caller, event) -> None:
+        self._cancelJob()  # its input volumes are about to go
+        self.setParameterNode(None)
+
+    def onSceneEndClose(self, caller, event) -> None:
+        if self.parent.isEntered:
+            self.initializeParameterNode()
+
+    def initializeParameterNode(self) -> None:
+        self.setParameterNode(self.logic.getParameterNode())
+        if str(self._parameterNode.modelPath) in ("", "."):
+            bundled = self.logic.bundledModelPath()
+            if bundled is not None:
+                self._parameterNode.modelPath = bundled
+        if not self._parameterNode.inputVolume0:
+            firstVolumeNode = slicer.mrmlScene.GetFirstNodeByClass("vtkMRMLScalarVolumeNode")
+            if firstVolumeNode:
+                self._parameterNode.inputVolume0 = firstVolumeNode
+        self.onModelChanged()
+
+    def setParameterNode(self, inputParameterNode: Optional[UNet3DSegmentParameterNode]) -> None:
+        if self._parameterNode:
+            self._parameterNode.disconnectGui(self._parameterNodeGuiTag)
+            self.removeObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self._checkCanApply)
+        self._parameterNode = inputParameterNode
+        if self._parameterNode:
+            self._parameterNodeGuiTag = self._parameterNode.connectGui(self.ui)
+            self.addObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self._checkCanApply)
+            self._checkCanApply()
+
+    def onModelChanged(self, path=None) -> None:
+        """Show the model card, and one input selector per channel labelled with the channel's name."""
+        try:
+            self._card, fromFile = self.logic.modelCard(self.ui.modelPathLineEdit.currentPath)
+            self.ui.modelCardLabel.text = panel_text.card_summary_html(self._card, fromFile)
+            self.ui.classesLabel.text = panel_text.classes_html(self._card)
+        except UNet3DSegmentError as error:
+            self._card = None
+            self.ui.modelCardLabel.text = f"<span style='color:#c00000'>{html.escape(str(error))}</span>"
+            self.ui.classesLabel.text = ""
+        channels = self._card.in_channels if self._card else 1
+        for index, (label, selector) in enumerate(zip(self._inputLabels, self._inputSelectors)):
+            label.visible = selector.visible = index < channels
+            if self._card and index < channels:
+                label.text = panel_text.channel_label(self._card, index)
+        self._checkCanApply()
+
+    def _inputVolumes(self) -> list:
+        channels = self._card.in_channels if self._card else 1
+        return [getattr(self._parameterNode, f"inputVolume{i}") for i in range(min(channels, MAX_CHANNELS))]
+
+    def _checkCanApply(self, caller=None, event=None) -> None:
+        if self._job is not None:
+            self.ui.segmentButton.enabled = True
+            return
+        ready = bool(self._parameterNode and self._card and self._card.in_channels <= MAX_CHANNELS)
+        ready = ready and all(self._inputVolumes())
+        self.ui.segmentButton.enabled = ready
+        self.ui.segmentButton.toolTip = _("Segment the input volume(s)") if ready else _(
+            "Choose a model with a readable card and one input volume per channel")
+
+    def onBundledModelButton(self) -> None:
+        with slicer.util.tryWithErrorDisplay(_("The bundled model is missing.")):
+            self._parameterNode.modelPath = self.logic.modelPath(None)
+
+    def onPythonBrowseButton(self) -> None:
+        path = qt.QFileDialog.getOpenFileName(self.parent, _("Python executable that runs the engine"))
+        if path:
+            self._parameterNode.pythonExecutable = path
+
+    def onSegmentButton(self) -> None:
+        if self._job is not None:
+            self._job.cancel()
+            self._onJobFinished()
+            return
+        with slicer.util.tryWithErrorDisplay(_("Failed to start the segmentation."), waitCursor=True):
+            p = self._parameterNode
+            python = p.pythonExecutable.strip() or None
+            if not self._ensureDependencies(python):
+                return
+            output = p.outputSegmentation
+            if output is not None and output.GetSegmentation().GetNumberOfSegments() > 0:
+                question = _("Replace the {count} segments of '{name}' with the result?").format(
+                    count=output.GetSegmentation().GetNumberOfSegments(), name=output.GetName())
+                if not slicer.util.confirmOkCancelDisplay(question):
+                    return
+            self._tracker = panel_text.ProgressTracker()
+            self._job = self.logic.segment(
+                self._inputVolumes(), output, model=p.modelPath, overlap=p.overlap, batchSize=p.batchSize,
+                tta=p.tta, device=p.device.value, precision=p.precision.value, largestComponent=p.largestComponent,
+                pythonExecutable=python, replaceExisting=output is not None, waitForCompletion=False,
+                progress=self.onProgress)
+            self._setRunning(True)
+            self._timer.start()
+
+    def _ensureDependencies(self, python: Optional[str]) -> bool:
+        """Offer to install what Slicer's Python lacks (never at import, never under --testing)."""
+        missing = dependencies.missing_modules(python, env=None if python is None else slicer.util.startupEnvironment())
+        if not missing:
+            return True
+        requirements = dependencies.requirements_for(missing, self.resourcePath("requirements.txt"))
+        if python is not None:
+            raise BadInputError(_("{python} lacks {missing}; install them with: {command}").format(
+                python=python, missing=", ".join(missing), command=dependencies.install_command(python, requirements)))
+        if slicer.app.testingEnabled():
+            raise BadInputError(_("Slicer's Python lacks {missing}; not installing during tests").format(
+                missing=", ".join(missing)))
+        question = _("The segmentation engine needs {packages} in Slicer's Python (TensorFlow is a download of "
+                     "about 300-600 MB). Slicer's own numpy, SimpleITK and VTK are kept. Install now?").format(
+            packages=", ".join(requirements))
+        if not slicer.util.confirmOkCancelDisplay(question):
+            return False
+        self.logic.installDependencies(requirements)
+        return True
+
+    def onProgress(self, event: dict) -> None:
+        view = self._tracker.update(event)
+        self.ui.progressBar.value = view.percent
+        self.ui.progressBar.format = f"{view.bar_text}  %p%"
+        self.ui.statusLabel.text = view.status
+
+    def onPoll(self) -> None:
+        if self._job is None:
+            self._timer.stop()
+        elif self._job.poll():
+            self._onJobFinished()
+
+    def _onJobFinished(self) -> None:
+        self._timer.stop()
+        job, self._job = self._job, None
+        self._setRunning(False)
+        if isinstance(job.error, CancelledError):
+            self.ui.progressBar.value = 0
+            self.ui.statusLabel.text = _("Cancelled: the scene was left as it was.")
+        elif job.error is not None:
+            self.ui.statusLabel.text = _("Failed: {error}").format(error=job.error)
+            if not slicer.app.testingEnabled():
+                slicer.util.errorDisplay(_("Segmentation failed.") + "\n\n" + str(job.error))
+        else:
+            node = job.segmentationNode
+            self.ui.progressBar.value = 100
+            self.ui.statusLabel.text = _("Done: {count} segments in '{name}'.").format(
+                count=node.GetSegmentation().GetNumberOfSegments(), name=node.GetName())
+            self.ui.modelPathLineEdit.addCurrentPathToHistory()
+
+    def _setRunning(self, running: bool) -> None:
+        self.ui.segmentButton.text = _("Cancel") if running else _("Segment")
+        self.ui.inputsCollapsibleButton.enabled = not running
+        self.ui.advancedCollapsibleButton.enabled = not running
+        self._checkCanApply()
+
+    def _cancelJob(self) -> None:
+        if self._job is not None:
+            self._job.cancel()
+            self._onJobFinished()
+
+
+#
+# UNet3DSegmentLogic
+#
+
+
+class UNet3DSegmentLogic(ScriptedLoadableModuleLogic, SegmentationLogicBase):
+    """``UNet3DSegmentLib.mrml_logic.UNet3DSegmentLogic`` inside Slicer: its scene, PythonSlicer, parameter node.
+
+    From the Python console: ``UNet3DSegmentLogic().segment(volumeNode)`` returns a segmentation node
+    (``waitForCompletion=False`` returns a job to poll; see the base class for every option).
+    """
+
+    def __init__(self) -> None:
+        ScriptedLoadableModuleLogic.__init__(self)
+        self.temporaryRoot = pathlib.Path(slicer.app.temporaryPath) / "UNet3DSegment"
+
+    def getParameterNode(self):
+        return UNet3DSegmentParameterNode(super().getParameterNode())
+
+    def defaultPythonExecutable(self) -> pathlib.Path:
+        found = shutil.which("PythonSlicer")
+        if found:
+            return pathlib.Path(found)
+        candidate = pathlib.Path(slicer.app.slicerHome) / "bin" / ("PythonSlicer.exe" if os.name == "nt" else "PythonSlicer")
+        return candidate if candidate.exists() else pathlib.Path(sys.executable)
+
+    def baseEnvironment(self):
+        return slicer.util.startupEnvironment()
+
+    def processEvents(self) -> None:
+        slicer.app.processEvents()
+
+    def bundledModelPath(self) -> Optional[pathlib.Path]:
+        try:
+            return self.modelPath(None)
+        except UNet3DSegmentError:
+            return None
+
+    def installDependencies(self, requirements: list, skipInTesting: bool = True) -> None:
+        """pip-install ``requirements`` into Slicer's Python, pinning Slicer's own numpy/SimpleITK/VTK."""
+        folder = pathlib.Path(tempfile.mkdtemp(prefix="UNet3DSegment-pip-"))
+        try:
+            constraints = folder / "constraints.txt"
+            constraints.write_text(dependencies.constraints_text(), encoding="utf-8")
+            try:
+                import slicer.packaging  # Slicer >= 5.12
+            except ImportError:
+                slicer.util.pip_install(["-c", str(constraints)] + list(requirements))
+            else:
+                slicer.packaging.pip_ensure(requirements, constraints=str(constraints), prompt_install=False,
+                                            requester="UNet3DSegment", skip_in_testing=skipInTesting)
+        finally:
+            shutil.rmtree(folder, ignore_errors=True)
+
+
+#
+# UNet3DSegmentTest
+#
+
+
+class UNet3DSegmentTest(ScriptedLoadableModuleTest):
+    """Runs the bundled model for real on a synthetic brain, and cancels a run.
+
+    The engine needs TensorFlow: in Slicer's own Python it is installed first if missing, or set
+    UNET3DSEGMENT_TEST_PYTHON to a Python environment that has it.
+    """
+
+    DICE_WHITE_MATTER_MIN = 0.7
+    BRAIN_VOXEL_RATIO_RANGE = (0.7, 1.3)
+
+    def setUp(self):
+        slicer.mrmlScene.Clear()
+
+    def runTest(self):
+        self.setUp()
+        self.test_SegmentPhantomWithBundledModel()
+        self.setUp()
+        self.test_CancelLeavesSceneUnchanged()
+
+    def _prepare(self):
+        logic = UNet3DSegmentLogic()
+        python = os.environ.get("UNET3DSEGMENT_TEST_PYTHON") or None
+        missing = dependencies.missing_modules(python)
+        if missing and python is None:
+            logic.installDependencies(dependencies.requirements_for(missing), skipInTesting=False)
+        t1, labels = phantom.brain_phantom()
+        volume = slicer.util.addVolumeFromArray(t1, name="PhantomT1")
+        return logic, python, volume, labels
+
+    def test_SegmentPhantomWithBundledModel(self):
+        self.delayDisplay("Segmenting a synthetic brain with the bundled model")
+        logic, python, volume, reference = self._prepare()
+        card, cardFromFile = logic.modelCard(None)
+        self.assertTrue(cardFromFile)
+        events = []
+        node = logic.segment(volume, pythonExecutable=python, progress=events.append)
+
+        segmentation = node.GetSegmentation()
+        names = [segmentation.GetNthSegment(i).GetName() for i in range(segmentation.GetNumberOfSegments())]
+        self.assertEqual(names, [c.name for c in card.classes[1:]])
+        result = sum((index + 1) * (slicer.util.arrayFromSegmentBinaryLabelmap(
+            node, segmentation.GetNthSegmentID(index), volume) > 0) for index in range(len(names)))
+        brainRatio = (result > 0).sum() / (reference > 0).sum()
+        self.assertTrue(self.BRAIN_VOXEL_RATIO_RANGE[0] <= brainRatio <= self.BRAIN_VOXEL_RATIO_RANGE[1], brainRatio)
+        whiteMatter = phantom.dice(result, reference, 3)
+        self.assertGreaterEqual(whiteMatter, self.DICE_WHITE_MATTER_MIN)
+        self.assertEqual(events[-1]["stage"], "done")
+        self.delayDisplay(f"Test passed: white-matter Dice {whiteMatter:.3f}, brain volume ratio {brainRatio:.2f}")
+
+    def test_CancelLeavesSceneUnchanged(self):
+        self.delayDisplay("Cancelling a running segmentation")
+        logic, python, volume, reference = self._prepare()
+        nodesBefore = slicer.mrmlScene.GetNumberOfNodes()
+        events = []
+        job = logic.segment(volume, pythonExecutable=python, tta=True, overlap=0.75, waitForCompletion=False,
+                            progress=events.append)
+        deadline = time.monotonic() + 300
+        while not any(e["stage"] == "inference" for e in events):
+            self.assertFalse(job.poll(), f"finished before it could be cancelled: {job.error}")
+            self.assertLess(time.monotonic(), deadline)
+            slicer.app.processEvents()
+            time.sleep(0.05)
+        job.cancel()
+        self.assertIsInstance(job.error, CancelledError)
+        self.assertEqual(slicer.mrmlScene.GetNumberOfNodes(), nodesBefore)
+        leftovers = [p.name for p in logic.temporaryRoot.glob("UNet3DSegment-*")]
+        self.assertEqual(leftovers, [])
+        self.delayDisplay("Test passed")

@@ -1,0 +1,75 @@
+"""A synthetic skull-stripped T1 brain with known tissue labels, for the Slicer self-test.
+
+Slicer's self-test must really run the bundled model but cannot ship or download patient data. This
+phantom imitates what the demo model was trained on (a skull-stripped T1 at 1 mm): a folded
+grey-matter ribbon around bright white matter, dark CSF in two ventricles and a thin outer layer,
+zero outside the brain, mild noise. Labels follow the demo card: 0 background, 1 CSF, 2 grey
+matter, 3 white matter.
+
+Axis order: arrays are ``(z, y, x)`` with 1 mm voxels, like ``slicer.util.arrayFromVolume``.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+# T1 intensities in the proportions of the MNI152 template (CSF dark, white matter bright).
+INTENSITY = {1: 30.0, 2: 65.0, 3: 100.0}
+
+
+def brain_phantom(shape_zyx: tuple[int, int, int] = (96, 112, 96), seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """``(t1, labels)``: float32 T1-like image and uint8 labels of an ellipsoidal folded brain."""
+    rng = np.random.default_rng(seed)
+    nz, ny, nx = shape_zyx
+    z, y, x = np.meshgrid(
+        np.arange(nz) - (nz - 1) / 2.0,
+        np.arange(ny) - (ny - 1) / 2.0,
+        np.arange(nx) - (nx - 1) / 2.0,
+        indexing="ij",
+    )
+    radii = np.array([0.44 * nz, 0.44 * ny, 0.44 * nx])
+    # Normalised radius, with gyri: the surface undulates by a few millimetres.
+    r = np.sqrt((z / radii[0]) ** 2 + (y / radii[1]) ** 2 + (x / radii[2]) ** 2)
+    theta = np.arctan2(y, x)
+    phi = np.arctan2(z, np.hypot(x, y))
+    folds = 0.035 * np.sin(9 * theta) * np.cos(7 * phi) + 0.02 * np.sin(13 * phi + 5 * theta)
+    mean_radius = float(radii.mean())
+    depth_mm = (1.0 - (r + folds)) * mean_radius  # distance inside the folded surface, roughly in mm
+
+    labels = np.zeros(shape_zyx, np.uint8)
+    brain = depth_mm > 0
+    labels[brain] = 1  # outer CSF layer (about 1.5 mm)
+    labels[depth_mm > 1.5] = 2  # grey-matter ribbon (about 3.5 mm)
+    labels[depth_mm > 5.0] = 3  # white matter
+    for side in (-1.0, 1.0):  # two lateral ventricles
+        ventricle = ((z + 0.05 * nz) / (0.12 * nz)) ** 2 + ((y - 0.02 * ny) / (0.22 * ny)) ** 2 + (
+            (x - side * 0.09 * nx) / (0.05 * nx)
+        ) ** 2
+        labels[(ventricle < 1.0) & brain] = 1
+
+    t1 = np.zeros(shape_zyx, np.float32)
+    for label, value in INTENSITY.items():
+        t1[labels == label] = value
+    t1 = _smooth(t1)  # partial-volume edges, as in a real scan
+    t1[brain] += rng.normal(0.0, 3.0, size=int(brain.sum())).astype(np.float32)
+    t1[~brain] = 0.0
+    return np.clip(t1, 0.0, None).astype(np.float32), labels
+
+
+def _smooth(array: np.ndarray) -> np.ndarray:
+    """A 3-tap [1, 2, 1] / 4 blur along each axis (no SciPy needed inside Slicer)."""
+    out = array.astype(np.float32)
+    for axis in range(3):
+        padded = np.pad(out, [(1, 1) if a == axis else (0, 0) for a in range(3)], mode="edge")
+        lower = np.take(padded, range(0, out.shape[axis]), axis=axis)
+        middle = np.take(padded, range(1, out.shape[axis] + 1), axis=axis)
+        upper = np.take(padded, range(2, out.shape[axis] + 2), axis=axis)
+        out = (lower + 2.0 * middle + upper) / 4.0
+    return out
+
+
+def dice(labels: np.ndarray, reference: np.ndarray, label: int) -> float:
+    """Dice overlap of ``label`` between two label arrays (1.0 when both lack it)."""
+    a, b = labels == label, reference == label
+    total = int(a.sum()) + int(b.sum())
+    return 1.0 if total == 0 else 2.0 * int((a & b).sum()) / total
