@@ -79,9 +79,10 @@ STAND_IN = textwrap.dedent(
             grandchild_code += "signal.signal(signal.SIGTERM, signal.SIG_IGN)\n"
         grandchild_code += "time.sleep(600)\n"
         grandchild = subprocess.Popen([sys.executable, "-c", grandchild_code])
-        with open(pid_file, "w") as f:
-            f.write(f"{os.getpid()} {grandchild.pid}")
         emit(stage="inference", done=1, total=100, seconds=0.1, message="patch 1/100")
+        with open(pid_file + ".tmp", "w") as f:  # the test cancels once this file appears
+            f.write(f"{os.getpid()} {grandchild.pid}")
+        os.replace(pid_file + ".tmp", pid_file)
         while True:
             time.sleep(0.05)
     raise SystemExit(f"unknown mode {mode}")
@@ -192,7 +193,8 @@ def test_cancel_ends_the_whole_tree(stand_in: Path, tmp_path: Path, mode: str) -
     child, grandchild = wait_for_pids(pid_file)
     assert not gone(child) and not gone(grandchild)
     start = time.monotonic()
-    process.cancel(grace_seconds=0.5)
+    grace = 3.0 if mode == "graceful" else 0.5  # generous where the child is expected to exit by itself
+    process.cancel(grace_seconds=grace)
     elapsed = time.monotonic() - start
     assert gone(child)
     deadline = time.monotonic() + 5.0
@@ -205,10 +207,35 @@ def test_cancel_ends_the_whole_tree(stand_in: Path, tmp_path: Path, mode: str) -
         assert 0.5 <= elapsed < 5.0  # SIGTERM ignored: SIGKILL after the grace period
         assert process.returncode == -9
     elif mode == "graceful":
-        assert elapsed < 0.5 and process.returncode == 5
+        assert elapsed < grace and process.returncode == 5
         assert process.last_error["kind"] == "cancelled"
     else:
         assert process.returncode == -15
+
+
+@pytest.mark.parametrize("mode", ["stubborn", "graceful"])
+def test_request_cancel_returns_at_once_and_polling_finishes_the_job(stand_in: Path, tmp_path: Path,
+                                                                     mode: str) -> None:
+    """The GUI's way: ask, keep polling from the timer; SIGKILL follows from poll() after the grace time."""
+    pid_file = tmp_path / f"{mode}.pids"
+    process = EngineProcess.start([sys.executable, str(stand_in), mode, str(pid_file)])
+    child, grandchild = wait_for_pids(pid_file)
+    start = time.monotonic()
+    grace = 3.0 if mode == "graceful" else 0.5
+    process.request_cancel(grace_seconds=grace)
+    assert time.monotonic() - start < 0.2
+    events = run_to_end(process)
+    elapsed = time.monotonic() - start
+    assert gone(child)
+    deadline = time.monotonic() + 5.0
+    while not gone(grandchild) and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert gone(grandchild)
+    assert type(process.error()) is CancelledError
+    if mode == "stubborn":
+        assert 0.5 <= elapsed < 5.0 and process.returncode == -9
+    else:
+        assert elapsed < grace and process.returncode == 5 and events[-1]["kind"] == "cancelled"
 
 
 def test_cancel_after_the_end_keeps_the_result(stand_in: Path, tmp_path: Path) -> None:
@@ -278,3 +305,16 @@ def test_error_for_exit_without_any_message() -> None:
     assert error_for_exit(0) is None
     assert type(error_for_exit(0, cancelled=True)) is CancelledError
     assert type(error_for_exit(5)) is CancelledError
+
+
+def test_every_flag_the_panel_can_send_is_accepted_by_the_engine_command_line() -> None:
+    """The command builder and the engine's argparse must agree (a mismatch fails only at run time)."""
+    from UNet3DSegmentLib.cli import build_parser
+
+    options = EngineOptions(overlap=0.25, batch_size=4, blend="constant", tta=True, device="cpu",
+                            precision="bf16", largest_component=True)
+    command = segment_command("/py", ["/in/t1.nrrd"], "/o.nrrd", model="/m/model.keras", options=options)
+    args = build_parser().parse_args(command[3:])
+    assert (args.inputs, args.output, args.model) == (["/in/t1.nrrd"], "/o.nrrd", "/m/model.keras")
+    assert (args.overlap, args.batch_size, args.blend, args.tta) == (0.25, 4, "constant", True)
+    assert (args.device, args.precision, args.largest_component, args.progress) == ("cpu", "bf16", True, "json")

@@ -323,3 +323,15 @@ def test_programmatic_tuples_are_accepted():
     data["input"]["channels"] = ("T1", "T2")
     assert card_from_dict(data).input == card_from_dict({**data, "input": {
         **data["input"], "patch_size": [16, 24, 32], "channels": ["T1", "T2"]}}).input
+
+
+def test_saved_card_is_readable_by_others(tmp_path: Path):
+    """The atomic save must not leave mkstemp's private 0600 mode on a card meant to be shared."""
+    import os
+
+    old = os.umask(0o022)
+    try:
+        path = save_card(card_from_dict(copy.deepcopy(TINY_CARD)), tmp_path / "shared.json")
+    finally:
+        os.umask(old)
+    assert path.stat().st_mode & 0o777 == 0o644

@@ -327,6 +327,46 @@ def test_non_blocking_job_is_polled_to_the_result(app, logic, image_file, stand_
     assert leftovers(logic) == []
 
 
+def test_saved_model_picked_by_its_pb_file_stands_for_the_folder(app, logic, image_file, stand_in, tmp_path):
+    folder = tmp_path / "exported"
+    folder.mkdir()
+    (folder / "saved_model.pb").write_bytes(b"")
+    card = json.loads(json.dumps(TINY_CARD))
+    card["classes"][1]["name"] = "Ventricles"
+    (tmp_path / "exported.json").write_text(json.dumps(card))
+    record = tmp_path / "args.json"
+    node = logic.segment(app.load_volume(image_file[0]), model=folder / "saved_model.pb", pythonExecutable=stand_in,
+                         extraArguments=["--record", str(record)])
+    args = json.loads(record.read_text())
+    assert args[args.index("--model") + 1] == str(folder)
+    assert node.GetSegmentation().GetNthSegment(0).GetName() == "Ventricles"
+
+
+def test_model_without_card_gets_numbered_classes_for_every_label(app, logic, image_file, stand_in, tmp_path):
+    model = tmp_path / "bare.keras"
+    model.write_bytes(b"")
+    node = logic.segment(app.load_volume(image_file[0]), model=model, pythonExecutable=stand_in,
+                         extraArguments=["--stand-in", "bad-label", "--record", str(tmp_path / "a.json")])
+    segmentation = node.GetSegmentation()
+    names = [segmentation.GetNthSegment(i).GetName() for i in range(segmentation.GetNumberOfSegments())]
+    assert names == [f"Class {i}" for i in range(1, 10)]  # the stand-in wrote labels 1, 2 and 9
+
+
+def test_cancel_requested_after_the_child_succeeded_still_imports_nothing(app, logic, image_file, stand_in,
+                                                                         model_path, tmp_path):
+    volume = app.load_volume(image_file[0])
+    before = app.node_ids()
+    job = logic.segment(volume, model=model_path, pythonExecutable=stand_in, waitForCompletion=False,
+                        extraArguments=["--record", str(tmp_path / "a.json")])
+    assert job.process.wait(timeout=60) == 0  # the child is done, the result not yet imported
+    job.requestCancel()
+    while not job.poll():
+        time.sleep(0.01)
+    assert isinstance(job.error, CancelledError)
+    assert app.node_ids() == before
+    assert leftovers(logic) == []
+
+
 def test_inputs_are_checked_before_anything_runs(app, logic, image_file, stand_in, model_path, tmp_path):
     volume = app.load_volume(image_file[0])
     before = app.node_ids()
@@ -392,7 +432,11 @@ def test_real_engine_cancel_mid_run_leaves_nothing(app, logic, tmp_path, tiny_mo
         assert time.monotonic() < deadline
         time.sleep(0.02)
     pid = job.process.pid
-    job.cancel()
+    job.requestCancel()  # what the panel's Cancel button does; its timer keeps polling
+    while not job.poll():
+        assert time.monotonic() < deadline
+        time.sleep(0.02)
+    assert job.process.returncode == 5  # the engine stopped on SIGTERM, cleaned up, exited "cancelled"
     assert job.finished and isinstance(job.error, CancelledError)
     with pytest.raises(CancelledError):
         job.result()

@@ -223,18 +223,22 @@ def test_dice_from_counts() -> None:
 # --------------------------------------------------------------------------------------- end to end
 def test_train_end_to_end_improves_dice_and_writes_a_loadable_model(dataset: Path, tmp_path: Path) -> None:
     output = tmp_path / "tiny.keras"
-    assert main(train_args(dataset, output, "--epochs", "6", "--steps-per-epoch", "12",
+    assert main(train_args(dataset, output, "--epochs", "8", "--steps-per-epoch", "20", "--base-filters", "4",
                            "--learning-rate", "0.01")) == 0
     card_data = json.loads(output.with_suffix(".json").read_text())
     history = card_data["training"]["history"]
-    assert [h["epoch"] for h in history] == [1, 2, 3, 4, 5, 6]
+    assert [h["epoch"] for h in history] == list(range(1, 9))
     best = card_data["training"]["validation_dice"]
-    assert best["Ball"] >= 0.8, history
-    assert best["Ball"] > history[0]["dice"]["Ball"]
-    assert card_data["network"] == {"architecture": "unet3d-seed", "base_filters": 2, "dropout_rate": 0.15}
+    assert best["Ball"] >= 0.8 and best["Box"] >= 0.8, history
+    assert best["Ball"] > history[0]["dice"]["Ball"] + 0.3 and best["Box"] > history[0]["dice"]["Box"] + 0.3
+    assert card_data["training"]["best_epoch"] == max(history, key=lambda h: h["mean_foreground_dice"])["epoch"]
+    assert card_data["training"]["precision"] == "float32"  # 16^3 patches: auto keeps float32
+    assert card_data["network"] == {"architecture": "unet3d-seed", "base_filters": 4, "dropout_rate": 0.15}
     assert card_data["input"]["patch_size"] == [16, 16, 16]
     assert [c["name"] for c in card_data["classes"]] == CLASSES.split(",")
-    assert card_data["training"]["cases"]["validation"] == ["case_003"] or len(card_data["training"]["cases"]["validation"]) == 1
+    cases = card_data["training"]["cases"]
+    assert len(cases["validation"]) == 1 and sorted(cases["training"] + cases["validation"]) == [
+        "case_000", "case_001", "case_002", "case_003"]
 
     from UNet3DSegmentLib.model_io import load_model
 
@@ -262,3 +266,21 @@ def test_same_seed_gives_the_same_run(dataset: Path, tmp_path: Path) -> None:
         runs.append(json.loads(output.with_suffix(".json").read_text())["training"]["history"][0])
     assert runs[0]["loss"] == pytest.approx(runs[1]["loss"], rel=1e-3)
     assert runs[0]["dice"] == pytest.approx(runs[1]["dice"], abs=1e-3)
+
+
+def test_train_from_a_card_keeps_its_classes_and_input(dataset: Path, tmp_path: Path) -> None:
+    from conftest import TINY_CARD
+
+    start = dict(TINY_CARD, input=dict(TINY_CARD["input"], normalization={"method": "percentile-zscore",
+                                                                           "lower": 1.0, "upper": 99.0}))
+    (tmp_path / "start.json").write_text(json.dumps(start))
+    output = tmp_path / "carded.keras"
+    args = ["train", str(dataset), "-o", str(output), "--card", str(tmp_path / "start.json"), "--patch", "16",
+            "--base-filters", "2", "--epochs", "1", "--steps-per-epoch", "1", "--validation-patches", "1",
+            "--progress", "json"]
+    assert main(args) == 0
+    written = json.loads(output.with_suffix(".json").read_text())
+    assert [c["name"] for c in written["classes"]] == [c["name"] for c in TINY_CARD["classes"]]
+    assert written["classes"][1]["terminology"] == TINY_CARD["classes"][1]["terminology"]
+    assert written["input"]["normalization"] == {"method": "percentile-zscore", "lower": 1.0, "upper": 99.0}
+    assert written["name"] == "tiny-test-model"

@@ -1,6 +1,5 @@
 import enum
 import html
-import logging
 import os
 import pathlib
 import shutil
@@ -200,6 +199,10 @@ class UNet3DSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             label.visible = selector.visible = index < channels
             if self._card and index < channels:
                 label.text = panel_text.channel_label(self._card, index)
+        if channels > MAX_CHANNELS:
+            self.ui.statusLabel.text = _("This model takes {count} input volumes; the panel offers {max}. Use "
+                                         "UNet3DSegmentLogic().segment([...]) in the Python console.").format(
+                count=channels, max=MAX_CHANNELS)
         self._checkCanApply()
 
     def _inputVolumes(self) -> list:
@@ -208,7 +211,7 @@ class UNet3DSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def _checkCanApply(self, caller=None, event=None) -> None:
         if self._job is not None:
-            self.ui.segmentButton.enabled = True
+            self.ui.segmentButton.enabled = not self._job.cancelRequested
             return
         ready = bool(self._parameterNode and self._card and self._card.in_channels <= MAX_CHANNELS)
         ready = ready and all(self._inputVolumes())
@@ -227,8 +230,9 @@ class UNet3DSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def onSegmentButton(self) -> None:
         if self._job is not None:
-            self._job.cancel()
-            self._onJobFinished()
+            self._job.requestCancel()  # the timer keeps polling until the child is gone
+            self.ui.segmentButton.text = _("Cancelling...")
+            self._checkCanApply()
             return
         with slicer.util.tryWithErrorDisplay(_("Failed to start the segmentation."), waitCursor=True):
             p = self._parameterNode
@@ -252,13 +256,15 @@ class UNet3DSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def _ensureDependencies(self, python: Optional[str]) -> bool:
         """Offer to install what Slicer's Python lacks (never at import, never under --testing)."""
-        missing = dependencies.missing_modules(python, env=None if python is None else slicer.util.startupEnvironment())
+        environment = None if python is None else slicer.util.startupEnvironment()
+        missing = dependencies.missing_modules(python, env=environment)
         if not missing:
             return True
         requirements = dependencies.requirements_for(missing, self.resourcePath("requirements.txt"))
-        if python is not None:
+        if python is not None:  # the user's own environment: say what to run, do not change it
+            command = dependencies.install_command(python, requirements)
             raise BadInputError(_("{python} lacks {missing}; install them with: {command}").format(
-                python=python, missing=", ".join(missing), command=dependencies.install_command(python, requirements)))
+                python=python, missing=", ".join(missing), command=command))
         if slicer.app.testingEnabled():
             raise BadInputError(_("Slicer's Python lacks {missing}; not installing during tests").format(
                 missing=", ".join(missing)))
@@ -335,7 +341,8 @@ class UNet3DSegmentLogic(ScriptedLoadableModuleLogic, SegmentationLogicBase):
         found = shutil.which("PythonSlicer")
         if found:
             return pathlib.Path(found)
-        candidate = pathlib.Path(slicer.app.slicerHome) / "bin" / ("PythonSlicer.exe" if os.name == "nt" else "PythonSlicer")
+        name = "PythonSlicer.exe" if os.name == "nt" else "PythonSlicer"
+        candidate = pathlib.Path(slicer.app.slicerHome) / "bin" / name
         return candidate if candidate.exists() else pathlib.Path(sys.executable)
 
     def baseEnvironment(self):
@@ -379,8 +386,11 @@ class UNet3DSegmentTest(ScriptedLoadableModuleTest):
     UNET3DSEGMENT_TEST_PYTHON to a Python environment that has it.
     """
 
-    DICE_WHITE_MATTER_MIN = 0.7
-    BRAIN_VOXEL_RATIO_RANGE = (0.7, 1.3)
+    # The phantom has the template's tissue shares and contrasts. Checkpoints of the bundled model scored
+    # Dice 0.71-0.80 (CSF), 0.93-0.95 (grey), 0.94-0.96 (white matter), 0.98 (whole brain) on it.
+    CLASS_DICE_MIN = 0.6
+    MEAN_DICE_MIN = 0.8
+    BRAIN_DICE_MIN = 0.9
 
     def setUp(self):
         slicer.mrmlScene.Clear()
@@ -414,16 +424,18 @@ class UNet3DSegmentTest(ScriptedLoadableModuleTest):
         self.assertEqual(names, [c.name for c in card.classes[1:]])
         result = sum((index + 1) * (slicer.util.arrayFromSegmentBinaryLabelmap(
             node, segmentation.GetNthSegmentID(index), volume) > 0) for index in range(len(names)))
-        brainRatio = (result > 0).sum() / (reference > 0).sum()
-        self.assertTrue(self.BRAIN_VOXEL_RATIO_RANGE[0] <= brainRatio <= self.BRAIN_VOXEL_RATIO_RANGE[1], brainRatio)
-        whiteMatter = phantom.dice(result, reference, 3)
-        self.assertGreaterEqual(whiteMatter, self.DICE_WHITE_MATTER_MIN)
+        brainDice = phantom.dice(result > 0, reference > 0, True)
+        classDice = [phantom.dice(result, reference, label) for label in (1, 2, 3)]
+        self.assertGreaterEqual(brainDice, self.BRAIN_DICE_MIN)
+        for name, value in zip(names, classDice):
+            self.assertGreaterEqual(value, self.CLASS_DICE_MIN, name)
+        self.assertGreaterEqual(sum(classDice) / len(classDice), self.MEAN_DICE_MIN)
         self.assertEqual(events[-1]["stage"], "done")
-        self.delayDisplay(f"Test passed: white-matter Dice {whiteMatter:.3f}, brain volume ratio {brainRatio:.2f}")
+        self.delayDisplay(f"Test passed: Dice {', '.join(f'{v:.3f}' for v in classDice)}, brain {brainDice:.3f}")
 
     def test_CancelLeavesSceneUnchanged(self):
         self.delayDisplay("Cancelling a running segmentation")
-        logic, python, volume, reference = self._prepare()
+        logic, python, volume = self._prepare()[:3]
         nodesBefore = slicer.mrmlScene.GetNumberOfNodes()
         events = []
         job = logic.segment(volume, pythonExecutable=python, tta=True, overlap=0.75, waitForCompletion=False,
@@ -434,7 +446,11 @@ class UNet3DSegmentTest(ScriptedLoadableModuleTest):
             self.assertLess(time.monotonic(), deadline)
             slicer.app.processEvents()
             time.sleep(0.05)
-        job.cancel()
+        job.requestCancel()  # as the Cancel button does: the child's tree ends while Slicer keeps running
+        while not job.poll():
+            self.assertLess(time.monotonic(), deadline)
+            slicer.app.processEvents()
+            time.sleep(0.05)
         self.assertIsInstance(job.error, CancelledError)
         self.assertEqual(slicer.mrmlScene.GetNumberOfNodes(), nodesBefore)
         leftovers = [p.name for p in logic.temporaryRoot.glob("UNet3DSegment-*")]

@@ -165,6 +165,8 @@ def main() -> int:
     card_path = card_path_for_model(args.output)
     card = load_card(card_path)
     data = card.to_dict()
+    fresh = demo_card_data()  # classes, wording: the current definitions, also for --evaluate-only
+    data.update({k: fresh[k] for k in ("classes", "description", "intended_use")})
     data["training"].update({k: v for k, v in data_info.items() if k not in data["training"] or not args.evaluate_only})
     data["training"]["evaluation_dice"] = evaluation
     data["training"]["model_size_bytes"] = args.output.stat().st_size

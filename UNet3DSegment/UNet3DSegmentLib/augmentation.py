@@ -5,7 +5,7 @@ Two levels share the same building blocks:
   of a volume, e.g. the demo model's training and evaluation data;
 - patches (``PatchAugmenter``): applied to every sampled training patch (flips, intensity
   scale/shift, noise, bias field); small rotations and scaling are applied while the patch is sampled
-  (see ``training.PatchSampler``), by resampling the volume through ``random_patch_transform``.
+  (see ``training.PatchSampler``), by resampling the volume through ``random_affine_matrix``.
 
 Everything random draws from a ``numpy.random.Generator`` passed in, so a seed fixes the result.
 Arrays are ``(z, y, x)`` (channels last where there are channels).
@@ -32,7 +32,7 @@ def rotation_matrix(angles_rad: Sequence[float]) -> np.ndarray:
 def random_affine_matrix(
     rng: np.random.Generator, max_rotation_deg: float, scale_range: tuple[float, float]
 ) -> np.ndarray:
-    """A random 3x3 matrix: rotation (uniform per axis within +-max) times isotropic-ish scaling."""
+    """A random 3x3 matrix: rotation (uniform angle per axis within +-max) times per-axis scaling."""
     angles = np.deg2rad(rng.uniform(-max_rotation_deg, max_rotation_deg, size=3))
     scales = rng.uniform(scale_range[0], scale_range[1], size=3)
     return rotation_matrix(angles) @ np.diag(scales)
@@ -102,13 +102,6 @@ def add_noise(array: np.ndarray, rng: np.random.Generator, sigma: float, mask=No
     if mask is not None:
         noise *= mask
     return (array + noise).astype(np.float32)
-
-
-def random_patch_transform(
-    rng: np.random.Generator, max_rotation_deg: float, scale_range: tuple[float, float]
-) -> np.ndarray:
-    """3x3 matrix (index space, (x, y, z)) for sampling one patch rotated/scaled about its centre."""
-    return random_affine_matrix(rng, max_rotation_deg, scale_range)
 
 
 @dataclass(frozen=True)

@@ -25,7 +25,7 @@ from .errors import EXIT_CANCELLED, EXIT_INTERNAL, CancelledError, OutOfMemoryEr
 from .progress import make_reporter
 
 PROG = "unet3d-segment"
-COMMAND_MODULES = ["cli_segment", "cli_train", "cli_demo"]
+COMMAND_MODULES = ["cli_segment", "cli_train", "cli_demo", "cli_web", "cli_estimate"]
 
 
 def build_parser() -> argparse.ArgumentParser:

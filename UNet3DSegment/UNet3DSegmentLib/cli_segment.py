@@ -21,6 +21,54 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _non_negative_int(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 0, got {text}")
+    return value
+
+
+def _size(text: str) -> int:
+    from .errors import UNet3DSegmentError
+    from .memory import parse_size
+
+    try:
+        return parse_size(text)
+    except UNet3DSegmentError as error:
+        raise argparse.ArgumentTypeError(str(error)) from error
+
+
+def add_runtime_arguments(parser: argparse.ArgumentParser) -> None:
+    """``--precision``, ``--backend``, ``--max-memory`` and ``--accumulation`` (shared with ``estimate``)."""
+    parser.add_argument("--precision", choices=["auto", "fp32", "bf16", "fp16"], default="auto",
+                        help="arithmetic of the network (default auto: bf16 on GPUs and on CPUs with "
+                        "AVX512-BF16/AMX, else fp32); the softmax output stays float32")
+    parser.add_argument("--backend", choices=["tensorflow", "torch", "jax"], default="tensorflow",
+                        help="Keras backend that runs the model (default tensorflow; torch and jax are "
+                        "optional installs)")
+    parser.add_argument("--max-memory", type=_size, default=None, metavar="SIZE",
+                        help="budget such as 4G or 512M for the full-volume probability arrays, needed "
+                        "only to resample or write probabilities (default: half the machine's memory); "
+                        "above it the labelmap is resampled instead. Blending always works in z slabs")
+    parser.add_argument("--accumulation", choices=["float32", "float16"], default="float32",
+                        help="dtype of the blended class sums (float16 halves that buffer)")
+
+
+def select_runtime(args: argparse.Namespace) -> str:
+    """Choose the Keras backend (before Keras is imported) and configure its device; return the device."""
+    from .backends import select_backend
+    from .model_io import configure_runtime
+
+    from .backends import backend_installed
+
+    select_backend(args.backend, args.device, args.gpu)
+    if backend_installed("tensorflow"):  # Keras loads TensorFlow on every backend when it is there
+        from .tf_runtime import import_tensorflow_quietly
+
+        import_tensorflow_quietly()
+    return configure_runtime(args.device, threads=args.threads, gpu_index=args.gpu)
+
+
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
     """Register the ``segment`` sub-command."""
     parser = subparsers.add_parser(
@@ -41,7 +89,10 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
                         help="keep only the largest connected component of each class")
     parser.add_argument("--device", choices=["auto", "cpu", "gpu"], default="auto",
                         help="where the model runs (default auto: a GPU when TensorFlow sees one)")
+    parser.add_argument("--gpu", type=_non_negative_int, default=None, metavar="N",
+                        help="which GPU to use on a machine with several (default 0)")
     parser.add_argument("--threads", type=_positive_int, default=None, help="CPU threads (default: all cores)")
+    add_runtime_arguments(parser)
     parser.add_argument("--probabilities", metavar="PATH", help="also write class probabilities here")
     parser.add_argument("--overwrite", action="store_true", help="replace existing output files")
     parser.add_argument("--progress", choices=["bar", "json", "none"], default="bar",
@@ -50,24 +101,24 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    """Check the arguments, configure TensorFlow, then run the pipeline."""
+    """Check the arguments, choose the backend and device, then run the pipeline."""
     from pathlib import Path
 
     for item in args.inputs:
         if not Path(item).exists():
             raise BadInputError(f"input {item} does not exist; check the path")
-    from .model_io import configure_tensorflow
     from .pipeline import SegmentOptions, segment_files
-    from .tf_runtime import import_tensorflow_quietly
 
-    import_tensorflow_quietly()
-    configure_tensorflow(args.device, threads=args.threads)
+    select_runtime(args)
     options = SegmentOptions(
         overlap=args.overlap,
         batch_size=args.batch_size,
         blend=args.blend,
         tta=args.tta,
         largest_component=args.largest_component,
+        precision=args.precision,
+        accumulation=args.accumulation,
+        max_memory=args.max_memory,
     )
     result = segment_files(
         args.inputs,

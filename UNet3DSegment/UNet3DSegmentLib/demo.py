@@ -21,7 +21,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any, Optional
 
 import numpy as np
 
@@ -37,19 +37,20 @@ VALIDATION_SEEDS = range(5000, 6000)
 EVALUATION_SEEDS = range(9000, 10000)
 CLASS_NAMES = ("Background", "CSF", "Grey matter", "White matter")
 
-# Terminology and colours of grey and white matter: Slicer's General Anatomy list
+# Terminology of grey and white matter from Slicer's General Anatomy list
 # (SegmentationCategoryTypeModifier-SlicerGeneralAnatomy.json: "Gray Matter" SCT 389081007 and
-# "White Matter" SCT 389080008 under "Anatomical Structure", with their recommended colours); CSF:
-# SCT 65216001 under "Body Substance", coloured like Slicer's ventricles.
+# "White Matter" SCT 389080008 under "Anatomical Structure"); CSF: SCT 65216001 under "Body
+# Substance". Colours: saturated enough to tell the three apart over a T1 (Slicer's recommended grey
+# and white matter colours are near-white and vanish on bright tissue).
 DEMO_CLASSES = [
     {"name": "Background", "color": "#000000"},
-    {"name": "CSF", "color": "#586ad7",
+    {"name": "CSF", "color": "#4a90d9",
      "terminology": {"category": ["SCT", "91720002", "Body Substance"],
                      "type": ["SCT", "65216001", "Cerebrospinal fluid"]}},
-    {"name": "Grey matter", "color": "#c8c8eb",
+    {"name": "Grey matter", "color": "#cd3e4e",
      "terminology": {"category": ["SCT", "123037004", "Anatomical Structure"],
                      "type": ["SCT", "389081007", "Gray Matter"]}},
-    {"name": "White matter", "color": "#fafad2",
+    {"name": "White matter", "color": "#f0dc82",
      "terminology": {"category": ["SCT", "123037004", "Anatomical Structure"],
                      "type": ["SCT", "389080008", "White Matter"]}},
 ]
@@ -264,10 +265,14 @@ def save_overlay(image: Any, labels: Any, card: Any, path: Path, dice: Optional[
     inside = np.argwhere(label_array > 0)
     centre = inside.mean(axis=0).round().astype(int) if inside.size else np.array(label_array.shape) // 2
     sx, sy, sz = spacing
+    # Sagittal: halfway between the centre and the edge of the segmentation (through one hemisphere,
+    # not the midline, where a brain shows little tissue).
+    columns = inside[:, 2] if inside.size else np.array([label_array.shape[2] // 2])
+    sagittal = int(round((centre[2] + columns.max()) / 2))
     views = [  # (title, image slice, label slice, aspect = row spacing / column spacing, origin)
         ("axial", array[centre[0]], label_array[centre[0]], sy / sx, "upper"),
         ("coronal", array[:, centre[1]], label_array[:, centre[1]], sz / sx, "lower"),
-        ("sagittal", array[:, :, centre[2]], label_array[:, :, centre[2]], sz / sy, "lower"),
+        ("sagittal", array[:, :, sagittal], label_array[:, :, sagittal], sz / sy, "lower"),
     ]
     colors = np.zeros((card.num_classes, 4), dtype=np.float32)
     for index, info in enumerate(card.classes):

@@ -47,14 +47,20 @@ def missing_modules(
         result = subprocess.run(command, capture_output=True, text=True, timeout=CHECK_TIMEOUT_SECONDS,
                                 env=None if env is None else dict(env), stdin=subprocess.DEVNULL)
     except FileNotFoundError as error:
-        raise BadInputError(f"Python executable {python_executable} not found; choose an existing interpreter") from error
+        raise BadInputError(
+            f"Python executable {python_executable} not found; choose an existing interpreter"
+        ) from error
     except (OSError, subprocess.TimeoutExpired) as error:
-        raise BadInputError(f"cannot run {python_executable} ({error}); check that it is a Python executable") from error
+        raise BadInputError(
+            f"cannot run {python_executable} ({error}); check that it is a Python executable"
+        ) from error
     try:
         return list(json.loads(result.stdout.strip().splitlines()[-1]))
     except (ValueError, IndexError) as error:
         detail = (result.stderr.strip().splitlines() or ["no output"])[-1]
-        raise BadInputError(f"{python_executable} is not a working Python ({detail}); choose another interpreter") from error
+        raise BadInputError(
+            f"{python_executable} is not a working Python ({detail}); choose another interpreter"
+        ) from error
 
 
 def requirements_for(missing: Sequence[str], requirements_file: Optional[PathLike] = None) -> list[str]:

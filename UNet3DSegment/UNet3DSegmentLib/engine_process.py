@@ -191,6 +191,8 @@ class EngineProcess:
         self._stdout_other: collections.deque = collections.deque(maxlen=STDERR_LINES_KEPT)
         self._lock = threading.Lock()
         self._cancelled = False
+        self._kill_deadline: Optional[float] = None
+        self._group_killed = False
         self.last_event: Optional[Event] = None
         self.last_error: Optional[Event] = None
         self.done_event: Optional[Event] = None
@@ -292,6 +294,7 @@ class EngineProcess:
 
     def poll(self) -> list[Event]:
         """Progress events received since the last call, oldest first; never blocks."""
+        self._escalate()
         events = []
         while True:
             try:
@@ -300,12 +303,26 @@ class EngineProcess:
                 return events
 
     def wait(self, timeout: Optional[float] = None) -> Optional[int]:
-        """Block until the child has ended and its output is read; the exit code, or None on timeout."""
-        try:
-            self._popen.wait(timeout)
-        except subprocess.TimeoutExpired:
-            return None
+        """Block until the child has ended and its output is read; the exit code, or None on timeout.
+
+        After a cancel request, the group's SIGKILL is sent from here when its time comes.
+        """
         deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            step = None
+            if self._kill_deadline is not None and not self._group_killed:
+                step = max(0.0, self._kill_deadline - time.monotonic())
+            if deadline is not None:
+                remaining = max(0.0, deadline - time.monotonic())
+                step = remaining if step is None else min(step, remaining)
+            try:
+                self._popen.wait(step)
+                break
+            except subprocess.TimeoutExpired:
+                self._escalate()
+                if deadline is not None and time.monotonic() >= deadline:
+                    return None
+        self._escalate()
         for reader in self._readers:
             reader.join(None if deadline is None else max(0.0, deadline - time.monotonic()))
         return self._popen.returncode
@@ -322,34 +339,36 @@ class EngineProcess:
         return error
 
     # --- cancel ---------------------------------------------------------------------------------
-    def cancel(self, grace_seconds: float = DEFAULT_GRACE_SECONDS) -> None:
-        """End the child and everything it started; returns once the child is gone.
+    def request_cancel(self, grace_seconds: float = DEFAULT_GRACE_SECONDS) -> None:
+        """Start ending the child and everything it started, without waiting (GUI thread safe).
 
-        POSIX: SIGTERM to the process group (the engine cleans up and exits 5), SIGKILL to whatever
-        is left after ``grace_seconds``. Windows: ``taskkill /T /F`` on the tree.
+        POSIX: SIGTERM to the process group now (the engine cleans up and exits 5); ``poll()`` and
+        ``wait()`` send SIGKILL to whatever is left of the group once the child has exited or
+        ``grace_seconds`` have passed. Windows: ``taskkill /T /F`` on the tree at once.
         """
         if self._popen.poll() is None:
             self._cancelled = True  # a run that already ended keeps its own result
+        if self._kill_deadline is not None:
+            return
+        self._kill_deadline = time.monotonic() + grace_seconds
         if os.name == "nt":
             self._cancel_windows()
-        else:
-            self._cancel_posix(grace_seconds)
+        elif self._popen.poll() is None:
+            _kill_group(self._popen.pid, signal.SIGTERM)
+
+    def cancel(self, grace_seconds: float = DEFAULT_GRACE_SECONDS) -> None:
+        """End the child's whole process tree and return once it is gone (``request_cancel`` + wait)."""
+        self.request_cancel(grace_seconds)
         self.wait(timeout=grace_seconds + 5.0)
 
-    def _cancel_posix(self, grace_seconds: float) -> None:
-        group = self._popen.pid  # start_new_session: the child leads its own group
-        if self._popen.poll() is None:
-            _kill_group(group, signal.SIGTERM)
-            try:
-                self._popen.wait(grace_seconds)
-            except subprocess.TimeoutExpired:
-                pass
-        # Grandchildren may outlive the child (or ignore SIGTERM): the group goes in any case.
-        _kill_group(group, signal.SIGKILL)
-        try:
-            self._popen.wait(5.0)
-        except subprocess.TimeoutExpired:
-            pass
+    def _escalate(self) -> None:
+        """After a cancel request: SIGKILL the group once the child is gone or the grace time is over."""
+        if self._kill_deadline is None or self._group_killed or os.name == "nt":
+            return
+        if self._popen.poll() is not None or time.monotonic() >= self._kill_deadline:
+            # Grandchildren may outlive the child (or ignore SIGTERM): the group goes in any case.
+            _kill_group(self._popen.pid, signal.SIGKILL)  # start_new_session: the child leads its group
+            self._group_killed = True
 
     def _cancel_windows(self) -> None:
         if self._popen.poll() is None:

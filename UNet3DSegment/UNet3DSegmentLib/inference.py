@@ -18,20 +18,25 @@ from __future__ import annotations
 
 import itertools
 import math
+import queue
 import threading
 from functools import lru_cache
 from typing import Callable, Iterator, Optional, Sequence, Tuple
 
 import numpy as np
 
-from .errors import BadInputError, CancelledError
+from .errors import BadInputError, CancelledError, UNet3DSegmentError
 
 Start = Tuple[int, int, int]
 Predictor = Callable[[np.ndarray], np.ndarray]
 ProgressCallback = Callable[[int, int], None]
 
 BLENDS = ("gaussian", "constant")
+ACCUMULATIONS = ("float32", "float16")
 GAUSSIAN_SIGMA_SCALE = 1.0 / 8.0  # sigma = patch side / 8 per axis (as nnU-Net)
+# Smallest blending weight with float16 sums: the Gaussian's ~1e-11 corners would underflow float16
+# (smallest value ~6e-8) and leave voxels that only tile corners cover at 0 instead of their value.
+FLOAT16_MIN_WEIGHT = 1.0 / 1024.0
 
 
 # --------------------------------------------------------------------------------------------------
@@ -353,8 +358,247 @@ def _pad_to_patch(
 
 
 # --------------------------------------------------------------------------------------------------
-# Public entry point
+# Bounded-memory accumulation and the prefetching producer
 # --------------------------------------------------------------------------------------------------
+def validate_accumulation(accumulation: str) -> np.dtype:
+    """The accumulator dtype for ``"float32"`` (default, exact) or ``"float16"`` (half the memory)."""
+    if accumulation not in ACCUMULATIONS:
+        raise BadInputError(f"accumulation must be one of {', '.join(ACCUMULATIONS)}, got {accumulation!r}")
+    return np.dtype(accumulation)
+
+
+def ring_depth(starts: Sequence[Start], rows: int, patch_z: int, size_z: int) -> int:
+    """Rows along z the accumulator must hold so that every batch fits into it.
+
+    Before a batch runs, every voxel above its first tile's z start is final (tiles come z-slowest),
+    so the rows still open span from that start to the batch's last tile's start plus the patch.
+    """
+    depth = patch_z
+    for batch in iter_batches(starts, rows):
+        depth = max(depth, batch[-1][0] - batch[0][0] + patch_z)
+    return min(depth, size_z)
+
+
+def _ring_pieces(first: int, stop: int, depth: int) -> list[tuple[slice, slice]]:
+    """(ring rows, local rows) pairs covering absolute rows ``first:stop`` of a ring of ``depth``."""
+    start, length = first % depth, stop - first
+    if start + length <= depth:
+        return [(slice(start, start + length), slice(0, length))]
+    head = depth - start
+    return [(slice(start, depth), slice(0, head)), (slice(0, length - head), slice(head, length))]
+
+
+class SlabAccumulator:
+    """Weighted sums of tile outputs over a ring of ``depth`` z rows (not the whole volume).
+
+    Rows are addressed by their absolute z; row ``z`` lives at ``z % depth``, so finished rows are
+    taken out (divided by their weight sum) and cleared without moving the others. Outputs sum in
+    ``dtype`` (float32, or float16 to halve the largest buffer); weights always sum in float32.
+    """
+
+    def __init__(self, depth: int, shape_yx: tuple[int, int], classes: int, dtype: np.dtype) -> None:
+        self.depth = depth
+        self.sums = np.zeros((depth,) + tuple(shape_yx) + (classes,), dtype=dtype)
+        self.weights = np.zeros((depth,) + tuple(shape_yx), dtype=np.float32)
+
+    @property
+    def nbytes(self) -> int:
+        return self.sums.nbytes + self.weights.nbytes
+
+    def add(self, prediction: np.ndarray, starts: Sequence[Start], weights: np.ndarray) -> None:
+        """Add each tile's ``prediction * weights`` (``prediction`` is weighted in place)."""
+        np.multiply(prediction, weights[np.newaxis, ..., np.newaxis], out=prediction)
+        pz, py, px = weights.shape
+        for i, (z, y, x) in enumerate(starts):
+            for ring, local in _ring_pieces(z, z + pz, self.depth):
+                self.sums[ring, y:y + py, x:x + px] += prediction[i, local]
+                self.weights[ring, y:y + py, x:x + px] += weights[local]
+
+    def take(self, first: int, stop: int, passes: int = 1) -> np.ndarray:
+        """Rows ``first:stop`` as float32 weighted averages (sums / (weights * passes)); then cleared."""
+        out = np.empty((stop - first,) + self.sums.shape[1:], dtype=np.float32)
+        for ring, local in _ring_pieces(first, stop, self.depth):
+            weight = self.weights[ring] if passes == 1 else self.weights[ring] * np.float32(passes)
+            np.divide(self.sums[ring], weight[..., np.newaxis], out=out[local])
+            self.sums[ring] = 0
+            self.weights[ring] = 0
+        return out
+
+
+Release = Callable[[], None]
+_DONE = object()
+
+
+def iter_assembled_batches(
+    image: np.ndarray,
+    batches: Sequence[Sequence[Start]],
+    patch: tuple[int, int, int],
+    rows: int,
+    prefetch: bool = True,
+) -> Iterator[tuple[Sequence[Start], np.ndarray, Release]]:
+    """Yield ``(starts, batch, release)``; call ``release()`` once the predictor is done with ``batch``.
+
+    With ``prefetch`` a producer thread assembles the next batch into a second buffer while the model
+    runs on the current one (double buffering: a buffer is refilled only after its release). Without
+    it, one buffer is filled in turn. Errors in the producer are raised here; closing the generator
+    stops the producer.
+    """
+    channels = image.shape[3]
+    if not prefetch:
+        buffer = np.empty((rows,) + patch + (channels,), dtype=np.float32)
+        for starts in batches:
+            yield starts, assemble_batch(image, starts, patch, buffer), _no_release
+        return
+
+    free: queue.Queue = queue.Queue()
+    for _ in range(2):
+        free.put(np.empty((rows,) + patch + (channels,), dtype=np.float32))
+    ready: queue.Queue = queue.Queue()
+    stop = threading.Event()
+
+    def produce() -> None:
+        try:
+            for starts in batches:
+                buffer = _take_free(free, stop)
+                if buffer is None:
+                    return
+                ready.put((starts, assemble_batch(image, starts, patch, buffer), buffer))
+            ready.put(_DONE)
+        except BaseException as error:  # noqa: BLE001 - handed to the consumer, raised there
+            ready.put(error)
+
+    thread = threading.Thread(target=produce, name="unet3d-prefetch", daemon=True)
+    thread.start()
+    try:
+        while True:
+            item = ready.get()
+            if item is _DONE:
+                return
+            if isinstance(item, BaseException):
+                raise item
+            starts, batch, buffer = item
+            yield starts, batch, (lambda b=buffer: free.put(b))
+    finally:
+        stop.set()
+        thread.join(timeout=5.0)
+
+
+def _no_release() -> None:
+    return None
+
+
+def _take_free(free: queue.Queue, stop: threading.Event) -> Optional[np.ndarray]:
+    """A free buffer, or None once ``stop`` is set (checked every 0.1 s while waiting)."""
+    while not stop.is_set():
+        try:
+            return free.get(timeout=0.1)
+        except queue.Empty:
+            continue
+    return None
+
+
+# --------------------------------------------------------------------------------------------------
+# Public entry points
+# --------------------------------------------------------------------------------------------------
+def iter_probability_slabs(
+    image: np.ndarray,
+    predict: Predictor,
+    patch_size: Sequence[int] = (64, 64, 64),
+    overlap: float = 0.5,
+    blend: str = "gaussian",
+    batch_size: int = 2,
+    progress: Optional[ProgressCallback] = None,
+    cancel: Optional[threading.Event] = None,
+    mirror_axes: Optional[Sequence[int]] = None,
+    expected_channels: Optional[int] = None,
+    accumulation: str = "float32",
+    prefetch: bool = True,
+) -> Iterator[tuple[int, np.ndarray]]:
+    """Like :func:`sliding_window_predict`, but yields the result in finished z slabs.
+
+    Yields ``(z_first, probabilities)`` with ``probabilities`` float32 ``(n, y, x, k)`` for rows
+    ``z_first:z_first + n`` of the image, in z order, covering every row once. The values equal
+    :func:`sliding_window_predict`'s exactly (same sums in the same order). Only a ring of
+    :func:`ring_depth` rows (about one patch plus one step) is accumulated, so memory does not grow
+    with the volume's depth. ``accumulation="float16"`` halves that ring (sums rounded to ~3 digits).
+    ``prefetch`` assembles the next batch on a producer thread while the model runs. With float16
+    sums the blending weights are raised to at least ``FLOAT16_MIN_WEIGHT`` (no underflow).
+    """
+    image = _validate_image(image, expected_channels)
+    patch = validate_patch(patch_size)
+    overlap = validate_overlap(overlap)
+    weights = importance_map(patch, blend)
+    batch_size = validate_batch_size(batch_size)
+    flips = _flip_sets(validate_mirror_axes(mirror_axes))
+    dtype = validate_accumulation(accumulation)
+    if dtype == np.float16:
+        weights = np.maximum(weights, np.float32(FLOAT16_MIN_WEIGHT))
+    return _slabs(image, predict, patch, overlap, weights, batch_size, progress, cancel, flips, dtype,
+                  prefetch)
+
+
+def _slabs(
+    image: np.ndarray,
+    predict: Predictor,
+    patch: tuple[int, int, int],
+    overlap: float,
+    weights: np.ndarray,
+    batch_size: int,
+    progress: Optional[ProgressCallback],
+    cancel: Optional[threading.Event],
+    flips: list[tuple[int, ...]],
+    dtype: np.dtype,
+    prefetch: bool,
+) -> Iterator[tuple[int, np.ndarray]]:
+    """The generator behind :func:`iter_probability_slabs` (arguments already validated)."""
+    padded, crop = _pad_to_patch(image, patch)
+    shape = padded.shape[:3]
+    starts = grid_starts(shape, patch, overlap)
+    total = len(starts) * len(flips)
+    done = 0
+
+    def check_cancel() -> None:
+        if cancel is not None and cancel.is_set():
+            raise CancelledError(f"cancelled after {done} of {total} patches")
+
+    def report(n: int) -> None:
+        nonlocal done
+        done += n
+        if progress is not None:
+            progress(done, total)
+
+    rows = min(batch_size, len(starts))
+    batches = list(iter_batches(starts, rows))
+    depth = ring_depth(starts, rows, patch[0], shape[0])
+    buffers = BatchBuffers(rows, patch, padded.shape[3])
+    ring: Optional[SlabAccumulator] = None
+    finished = 0  # rows before this one are final and were yielded
+
+    def finish(stop: int) -> Iterator[tuple[int, np.ndarray]]:
+        nonlocal finished
+        first, finished = finished, stop
+        kept = range(max(first, crop[0].start or 0), min(stop, crop[0].stop or shape[0]))
+        if ring is None or stop <= first:
+            return
+        values = ring.take(first, stop, len(flips))
+        if len(kept):
+            part = values[kept.start - first:kept.stop - first, crop[1], crop[2]]
+            yield kept.start - (crop[0].start or 0), np.ascontiguousarray(part)
+
+    source = iter_assembled_batches(padded, batches, patch, rows, prefetch)
+    try:
+        for batch_starts, batch, release in source:
+            yield from finish(batch_starts[0][0])
+            prediction = predict_batch(predict, batch, flips, buffers, check_cancel, report)
+            release()
+            if ring is None:
+                ring = SlabAccumulator(depth, shape[1:], prediction.shape[4], dtype)
+            ring.add(prediction, batch_starts, weights)
+        yield from finish(shape[0])
+    finally:
+        source.close()
+
+
 def sliding_window_predict(
     image: np.ndarray,
     predict: Predictor,
@@ -366,6 +610,8 @@ def sliding_window_predict(
     cancel: Optional[threading.Event] = None,
     mirror_axes: Optional[Sequence[int]] = None,
     expected_channels: Optional[int] = None,
+    accumulation: str = "float32",
+    prefetch: bool = True,
 ) -> np.ndarray:
     """Blend ``predict``'s outputs over overlapping tiles into one ``(z, y, x, k)`` float32 array.
 
@@ -384,48 +630,20 @@ def sliding_window_predict(
         mirror_axes: spatial axes (subset of 0, 1, 2 = z, y, x) for test-time augmentation: the
             prediction is averaged over all ``2 ** len(mirror_axes)`` flip combinations.
         expected_channels: if given, the image's channel count must equal it.
+        accumulation: ``"float32"`` or ``"float16"`` sums (see :func:`iter_probability_slabs`).
+        prefetch: assemble the next batch on a producer thread while the model runs.
 
     Returns:
         The weighted average of the tiles' outputs at every voxel, float32 ``(z, y, x, k)``.
     """
-    image = _validate_image(image, expected_channels)
-    patch = validate_patch(patch_size)
-    overlap = validate_overlap(overlap)
-    weights = importance_map(patch, blend)
-    batch_size = validate_batch_size(batch_size)
-    flips = _flip_sets(validate_mirror_axes(mirror_axes))
-
-    padded, crop = _pad_to_patch(image, patch)
-    shape = padded.shape[:3]
-    starts = grid_starts(shape, patch, overlap)
-    total = len(starts) * len(flips)
-    done = 0
-
-    def check_cancel() -> None:
-        if cancel is not None and cancel.is_set():
-            raise CancelledError(f"cancelled after {done} of {total} patches")
-
-    def report(n: int) -> None:
-        nonlocal done
-        done += n
-        if progress is not None:
-            progress(done, total)
-
-    rows = min(batch_size, len(starts))
-    buffers = BatchBuffers(rows, patch, padded.shape[3])
-    weight_sum = np.zeros(shape, dtype=np.float32)
-    output = np.empty((0,), dtype=np.float32)  # allocated once the number of classes is known
-
-    for batch_starts in iter_batches(starts, rows):
-        batch = assemble_batch(padded, batch_starts, patch, buffers.patches)
-        prediction = predict_batch(predict, batch, flips, buffers, check_cancel, report)
-        if output.ndim == 1:
-            output = np.zeros(shape + (prediction.shape[4],), dtype=np.float32)
-        accumulate(output, weight_sum, prediction, batch_starts, weights)
-
-    if len(flips) > 1:
-        weight_sum *= len(flips)  # the predictions were summed over the flips, not averaged
-    np.divide(output, weight_sum[..., np.newaxis], out=output)
-    if crop != (slice(None), slice(None), slice(None)):
-        output = np.ascontiguousarray(output[crop])
+    output: Optional[np.ndarray] = None
+    for first, slab in iter_probability_slabs(
+        image, predict, patch_size, overlap, blend, batch_size, progress, cancel, mirror_axes,
+        expected_channels, accumulation, prefetch,
+    ):
+        if output is None:
+            output = np.empty((np.shape(image)[0],) + slab.shape[1:], dtype=np.float32)
+        output[first:first + slab.shape[0]] = slab
+    if output is None:  # cannot happen: a validated image has at least one row, and each is yielded
+        raise UNet3DSegmentError("internal error: the sliding window produced no output")
     return output

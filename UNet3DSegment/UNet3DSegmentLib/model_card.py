@@ -504,12 +504,20 @@ def load_card(path: Union[str, Path]) -> ModelCard:
     return card_from_dict(data, source=path.name)
 
 
+def _default_file_mode() -> int:
+    """The mode a plain ``open(path, "w")`` would give: 0666 less the process umask."""
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o666 & ~umask
+
+
 def save_card(card: ModelCard, path: Union[str, Path]) -> Path:
     """Write ``card`` as indented UTF-8 JSON, atomically (temporary file + rename); returns the path."""
     path = Path(path)
     text = json.dumps(card.to_dict(), indent=2, ensure_ascii=False) + "\n"
     handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        os.chmod(temporary, _default_file_mode())  # mkstemp makes 0600; a card is meant to be shared
         with os.fdopen(handle, "w", encoding="utf-8") as stream:
             stream.write(text)
             stream.flush()

@@ -119,11 +119,21 @@ class LoadedModel:
     path: Path
     card_path: Optional[Path] = None  # the card file used; None when the card was given or defaulted
     uses_default_card: bool = False
+    precision: str = "fp32"  # the concrete precision the model computes in: fp32, bf16 or fp16
+    device: str = "cpu"  # where it runs: "cpu" or "gpu:N"
     _function: Any = field(default=None, init=False, repr=False)
+    _rows: int = field(default=0, init=False, repr=False)  # largest batch seen (JAX pads to it)
 
     @property
     def patch_size(self) -> Tuple[int, int, int]:
         return self.card.patch_size
+
+    @property
+    def backend(self) -> str:
+        """The Keras backend the model runs on: tensorflow, torch or jax."""
+        import keras
+
+        return str(keras.backend.backend())
 
     @property
     def in_channels(self) -> int:
@@ -142,41 +152,122 @@ class LoadedModel:
                 f"a batch for {self.path.name} must have shape (n, {', '.join(map(str, expected))}) "
                 f"(n, z, y, x, channels), got {array.shape}"
             )
-        import tensorflow as tf
-
         try:
-            return self._compiled()(array).numpy()
-        except tf.errors.ResourceExhaustedError as error:
+            return self._compiled()(array)
+        except Exception as error:  # noqa: BLE001 - each backend has its own out-of-memory type
+            if not _is_out_of_memory(error):
+                raise
             raise OutOfMemoryError(
                 f"out of memory predicting a batch of {array.shape[0]} patch(es) of "
-                f"{'x'.join(map(str, self.patch_size))}; lower the batch size or the patch size, "
-                "or use the CPU"
+                f"{'x'.join(map(str, self.patch_size))} on {self.device}; lower the batch size or the "
+                "patch size, or use the CPU"
             ) from error
 
     __call__ = predict
 
     def _compiled(self) -> Any:
-        """The single ``tf.function`` with signature ``(None, pz, py, px, c)``, made on first use."""
+        """The backend's compiled forward pass (numpy in, float32 numpy out), made on first use.
+
+        TensorFlow: one ``tf.function`` with signature ``(None, pz, py, px, c)`` (traced once).
+        PyTorch: the model called under ``torch.no_grad``. JAX: ``jax.jit`` of a stateless call, with
+        batches padded to the largest size seen so that it compiles once.
+        """
         if self._function is None:
-            import tensorflow as tf
-
-            model = self.keras_model
-            spec = tf.TensorSpec((None, *self.patch_size, self.in_channels), tf.float32)
-
-            @tf.function(input_signature=[spec])
-            def forward(x: Any) -> Any:
-                return tf.cast(model(x, training=False), tf.float32)
-
-            self._function = forward
+            backend = self.backend
+            if backend == "torch":
+                self._function = _torch_forward(self.keras_model)
+            elif backend == "jax":
+                self._function = self._jax_forward()
+            else:
+                self._function = _tensorflow_function(self.keras_model, self.patch_size, self.in_channels)
+        if self.backend == "tensorflow":
+            function = self._function
+            return lambda array: function(array).numpy()
         return self._function
 
+    def _jax_forward(self) -> Any:
+        import jax
+        import numpy as numpy_
 
-def load_model(path: Union[str, Path], card: Optional[ModelCard] = None) -> LoadedModel:
+        model = self.keras_model
+        trainable = [v.value for v in model.trainable_variables]
+        non_trainable = [v.value for v in model.non_trainable_variables]
+        jitted = jax.jit(lambda t, n, x: model.stateless_call(t, n, x, training=False)[0])
+
+        def forward(array: np.ndarray) -> np.ndarray:
+            n = array.shape[0]
+            self._rows = max(self._rows, n)
+            if n < self._rows:
+                array = numpy_.concatenate([array, numpy_.zeros((self._rows - n,) + array.shape[1:], array.dtype)])
+            return numpy_.asarray(jitted(trainable, non_trainable, array), dtype=numpy_.float32)[:n]
+
+        return forward
+
+    def cpu_predictor(self) -> Optional["LoadedModel"]:
+        """The same model running on the CPU (for the GPU out-of-memory fallback), or None.
+
+        Only TensorFlow can move a loaded model's computation: the copy shares the weights and runs
+        its ``tf.function`` under ``tf.device("/CPU:0")``. Returns None on the CPU already or on
+        another backend.
+        """
+        if self.device == "cpu" or self.backend != "tensorflow":
+            return None
+        twin = LoadedModel(self.keras_model, self.card, self.path, self.card_path, self.uses_default_card,
+                           self.precision, "cpu")
+        twin._function = _tensorflow_function(self.keras_model, self.patch_size, self.in_channels, "/CPU:0")
+        return twin
+
+
+def _tensorflow_function(model: Any, patch_size: Sequence[int], channels: int, device: Optional[str] = None) -> Any:
+    """One ``tf.function`` with signature ``(None, pz, py, px, c)``, optionally pinned to ``device``."""
+    import tensorflow as tf
+
+    spec = tf.TensorSpec((None, *patch_size, channels), tf.float32)
+
+    @tf.function(input_signature=[spec])
+    def forward(x: Any) -> Any:
+        if device is None:
+            return tf.cast(model(x, training=False), tf.float32)
+        with tf.device(device):
+            return tf.cast(model(x, training=False), tf.float32)
+
+    return forward
+
+
+def _torch_forward(model: Any) -> Any:
+    """The model called without autograd; returns float32 numpy."""
+    import torch
+
+    def forward(array: np.ndarray) -> np.ndarray:
+        with torch.no_grad():
+            result = model(torch.from_numpy(array), training=False)
+        return result.detach().to(dtype=torch.float32, device="cpu").numpy()
+
+    return forward
+
+
+def _is_out_of_memory(error: BaseException) -> bool:
+    """True for TensorFlow's ResourceExhaustedError, PyTorch's and JAX's out-of-memory errors."""
+    name = type(error).__name__
+    text = str(error)
+    return (
+        name in {"ResourceExhaustedError", "OutOfMemoryError"}
+        or isinstance(error, MemoryError)
+        or "RESOURCE_EXHAUSTED" in text
+        or "CUDA out of memory" in text
+    )
+
+
+def load_model(
+    path: Union[str, Path], card: Optional[ModelCard] = None, precision: str = "fp32"
+) -> LoadedModel:
     """Load ``.keras``, ``.h5`` or a SavedModel folder, with its card, and check they agree.
 
     Without ``card``: the card beside the model (``card_for_model``), else seed defaults shaped after
     the model's own input and output. Any unusable file or card-model contradiction raises
-    ``BadModelError`` saying what to fix.
+    ``BadModelError`` saying what to fix. ``precision`` (``fp32``, ``bf16``, ``fp16`` or ``auto``, see
+    ``precision.py``) rebuilds the model under that mixed-precision policy, output layer float32.
+    Runs on the Keras backend in effect (``backends.select_backend``); SavedModels need TensorFlow.
     """
     path = Path(path)
     kind = _model_kind(path)
@@ -184,9 +275,11 @@ def load_model(path: Union[str, Path], card: Optional[ModelCard] = None) -> Load
     if card is None:
         card = card_for_model(path)
         card_path = card_path_for_model(path) if card is not None else None
-    if not _configured:
-        configure_tensorflow()
-    _check_backend()
+    from .precision import apply_precision, resolve_precision, validate_precision
+
+    validate_precision(precision)
+    device = _ensure_configured()
+    _check_backend(kind, path)
 
     if kind == "keras":
         model = _load_keras(path)
@@ -200,7 +293,41 @@ def load_model(path: Union[str, Path], card: Optional[ModelCard] = None) -> Load
     if card is None:
         card = _card_from_shapes(input_shape, output_shape, path)
     check_card_matches_model(card, input_shape, output_shape, path.name)
-    return LoadedModel(model, card, path, card_path=card_path, uses_default_card=uses_default)
+    concrete = resolve_precision(precision, device)
+    model = apply_precision(model, concrete)
+    return LoadedModel(model, card, path, card_path=card_path, uses_default_card=uses_default,
+                       precision=concrete, device=device)
+
+
+def configure_runtime(
+    device: str = "auto", threads: Optional[int] = None, gpu_index: Optional[int] = None
+) -> str:
+    """Configure the framework of the Keras backend chosen by ``KERAS_BACKEND``; return its device.
+
+    TensorFlow: :func:`configure_tensorflow`. PyTorch: CPU threads (the GPU was chosen by
+    ``backends.select_backend``). JAX: the device it found. Returns ``"cpu"`` or ``"gpu:N"``.
+    """
+    backend = os.environ.get("KERAS_BACKEND", "tensorflow")
+    if backend == "torch":
+        from .backends import configure_torch
+
+        _configured["backend_device"] = configure_torch(device, threads)
+        return _configured["backend_device"]
+    if backend == "jax":
+        from .backends import configure_jax
+
+        _configured["backend_device"] = configure_jax(device)
+        return _configured["backend_device"]
+    return configure_tensorflow(device, threads, gpu_index)
+
+
+def _ensure_configured() -> str:
+    """The device in effect, configuring the backend's defaults (all cores, auto device) if needed."""
+    if os.environ.get("KERAS_BACKEND", "tensorflow") in ("torch", "jax"):
+        return _configured.get("backend_device") or configure_runtime()
+    if not _configured.get("request"):
+        return configure_tensorflow()
+    return _configured["device"]
 
 
 def _model_kind(path: Path) -> str:
@@ -224,13 +351,19 @@ def _model_kind(path: Path) -> str:
     )
 
 
-def _check_backend() -> None:
+def _check_backend(kind: str, path: Path) -> None:
+    """SavedModel folders are TensorFlow graphs: refuse them on the other Keras backends."""
     import keras
 
-    if keras.backend.backend() != "tensorflow":
+    backend = keras.backend.backend()
+    if backend not in ("tensorflow", "torch", "jax"):
         raise BadInputError(
-            f"Keras runs on the {keras.backend.backend()} backend but this engine needs TensorFlow; "
-            "unset KERAS_BACKEND or set it to tensorflow"
+            f"Keras runs on the {backend} backend; use tensorflow, torch or jax (set KERAS_BACKEND)"
+        )
+    if kind == "saved_model" and backend != "tensorflow":
+        raise BadModelError(
+            f"{path.name} is a TensorFlow SavedModel, which only the tensorflow backend can run; use "
+            "--backend tensorflow, or save the model as a .keras file"
         )
 
 

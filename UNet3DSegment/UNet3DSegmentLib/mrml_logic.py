@@ -68,12 +68,17 @@ class SegmentationJob:
         self._progress = progress
         self._temporaryDirectory = temporaryDirectory
         self._finished = False
+        self._cancelRequested = False
         # Safety net if the job is dropped unfinished: kill the child, remove the temporary folder.
         self._finalizer = weakref.finalize(self, _abandon, process, str(temporaryDirectory))
 
     @property
     def finished(self) -> bool:
         return self._finished
+
+    @property
+    def cancelRequested(self) -> bool:
+        return self._cancelRequested
 
     def poll(self) -> bool:
         """Forward new progress events; when the child has ended, import or record the error. Never blocks."""
@@ -84,6 +89,10 @@ class SegmentationJob:
             return self._finished
         self._forward(self.process.poll())
         if self._finished:
+            return True
+        if self._cancelRequested:  # even if the child had just succeeded: nothing goes into the scene
+            self.error = CancelledError("segmentation cancelled; the scene was left as it was")
+            self._finish()
             return True
         try:
             error = self.process.error()
@@ -128,14 +137,19 @@ class SegmentationJob:
             raise self.error
         return self.segmentationNode
 
+    def requestCancel(self) -> None:
+        """Ask the child's process tree to end and return at once; keep polling until ``poll()`` is True."""
+        if not self._finished:
+            self._cancelRequested = True
+            self.process.request_cancel()
+
     def cancel(self) -> None:
-        """End the child's process tree; the scene stays as it was and the temporary folder goes."""
+        """End the child's process tree and wait for it; the scene stays as it was, the temporary folder goes."""
         if self._finished:
             return
+        self._cancelRequested = True
         self.process.cancel()
-        self._forward(self.process.poll())
-        self.error = CancelledError("segmentation cancelled; the scene was left as it was")
-        self._finish()
+        self.poll()
 
     def _forward(self, events: Sequence[dict]) -> None:
         if self._progress is None:
@@ -189,12 +203,17 @@ class UNet3DSegmentLogic:
     # --- model ----------------------------------------------------------------------------------
     @staticmethod
     def modelPath(model: Optional[PathLike] = None) -> Path:
-        """``model`` as an existing path; ``None`` or empty gives the bundled demo model."""
+        """``model`` as an existing path; ``None`` or empty gives the bundled demo model.
+
+        A SavedModel's ``saved_model.pb`` (what a file dialog can pick) stands for its folder.
+        """
         if model is None or str(model) in ("", "."):
             from .bundled_models import default_model_path
 
             return default_model_path()
         path = Path(model).expanduser()
+        if path.name == "saved_model.pb":
+            path = path.parent
         if not path.exists():
             raise BadModelError(f"model {path} not found; choose a .keras or .h5 file or a SavedModel folder")
         return path
@@ -234,7 +253,7 @@ class UNet3DSegmentLogic:
         """
         volumes = self._checkInputs(inputVolumes)
         modelPath = self.modelPath(model)
-        card, _ = self.modelCard(modelPath)
+        card, cardFromFile = self.modelCard(modelPath)
         if len(volumes) != card.in_channels:
             names = ", ".join(card.input.channels)
             raise BadInputError(
@@ -246,7 +265,8 @@ class UNet3DSegmentLogic:
             overlap=overlap, batch_size=batchSize, blend=blend, tta=bool(tta), device=device,
             precision=precision, largest_component=bool(largestComponent), extra_arguments=tuple(extraArguments),
         )
-        python = Path(pythonExecutable) if pythonExecutable not in (None, "", ".") else self.defaultPythonExecutable()
+        chosen = "" if pythonExecutable is None else str(pythonExecutable).strip()
+        python = Path(chosen) if chosen not in ("", ".") else self.defaultPythonExecutable()
 
         root = self.temporaryRoot
         if root is not None:
@@ -264,6 +284,7 @@ class UNet3DSegmentLogic:
             "inputVolume": volumes[0],
             "outputSegmentation": outputSegmentation,
             "card": card,
+            "cardFromFile": cardFromFile,
             "showResult": showResult,
         }
         job = SegmentationJob(self, process, temporaryDirectory, request, progress)
@@ -315,12 +336,14 @@ class UNet3DSegmentLogic:
         return path
 
     def _importResult(self, output: Optional[Path], inputVolume, outputSegmentation, card: ModelCard,
-                      showResult: bool):
+                      cardFromFile: bool, showResult: bool):
         """Read the engine's labelmap and turn it into segments; the scene changes only on success."""
         if output is None or not Path(output).is_file():
             raise UNet3DSegmentError(f"the engine reported {output} but the file is missing; run it again")
         labels = _readLabelmap(Path(output))
         highest = int(labels.GetImageData().GetScalarRange()[1])
+        if highest >= card.num_classes and not cardFromFile:
+            card = default_card(num_classes=highest + 1)  # no card: "Class 1".."Class n" for what came out
         if highest >= card.num_classes:
             raise BadModelError(
                 f"the result has label {highest} but model card {card.name} lists {card.num_classes} classes; "

@@ -13,8 +13,11 @@ from __future__ import annotations
 
 import numpy as np
 
-# T1 intensities in the proportions of the MNI152 template (CSF dark, white matter bright).
-INTENSITY = {1: 30.0, 2: 65.0, 3: 100.0}
+# T1 intensities and tissue shares of the MNI152 template inside its brain mask: CSF about 45 % and
+# grey matter about 78 % of the white-matter intensity; about 9 % CSF, 56 % grey, 35 % white matter.
+# The shares matter: the model z-scores the non-zero voxels, so a phantom with too much white matter
+# would look grey after normalisation.
+INTENSITY = {1: 45.0, 2: 78.0, 3: 100.0}
 
 
 def brain_phantom(shape_zyx: tuple[int, int, int] = (96, 112, 96), seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
@@ -27,22 +30,22 @@ def brain_phantom(shape_zyx: tuple[int, int, int] = (96, 112, 96), seed: int = 0
         np.arange(nx) - (nx - 1) / 2.0,
         indexing="ij",
     )
-    radii = np.array([0.44 * nz, 0.44 * ny, 0.44 * nx])
-    # Normalised radius, with gyri: the surface undulates by a few millimetres.
+    radii = np.array([0.45 * nz, 0.45 * ny, 0.45 * nx])
     r = np.sqrt((z / radii[0]) ** 2 + (y / radii[1]) ** 2 + (x / radii[2]) ** 2)
     theta = np.arctan2(y, x)
     phi = np.arctan2(z, np.hypot(x, y))
-    folds = 0.035 * np.sin(9 * theta) * np.cos(7 * phi) + 0.02 * np.sin(13 * phi + 5 * theta)
     mean_radius = float(radii.mean())
-    depth_mm = (1.0 - (r + folds)) * mean_radius  # distance inside the folded surface, roughly in mm
+    depth_mm = (1.0 - r) * mean_radius  # distance inside the brain surface, roughly in mm
+    # Gyri: white matter reaches into the grey ribbon in folds a few millimetres deep.
+    folds = np.sin(11 * theta) * np.cos(9 * phi) + 0.6 * np.sin(17 * phi + 7 * theta)
 
     labels = np.zeros(shape_zyx, np.uint8)
     brain = depth_mm > 0
-    labels[brain] = 1  # outer CSF layer (about 1.5 mm)
-    labels[depth_mm > 1.5] = 2  # grey-matter ribbon (about 3.5 mm)
-    labels[depth_mm > 5.0] = 3  # white matter
+    labels[brain] = 1  # outer CSF layer
+    labels[depth_mm > 1.2] = 2  # grey-matter ribbon
+    labels[depth_mm > 13.0 + 4.0 * folds] = 3  # folded white matter
     for side in (-1.0, 1.0):  # two lateral ventricles
-        ventricle = ((z + 0.05 * nz) / (0.12 * nz)) ** 2 + ((y - 0.02 * ny) / (0.22 * ny)) ** 2 + (
+        ventricle = ((z + 0.05 * nz) / (0.12 * nz)) ** 2 + ((y - 0.02 * ny) / (0.24 * ny)) ** 2 + (
             (x - side * 0.09 * nx) / (0.05 * nx)
         ) ** 2
         labels[(ventricle < 1.0) & brain] = 1
@@ -51,7 +54,7 @@ def brain_phantom(shape_zyx: tuple[int, int, int] = (96, 112, 96), seed: int = 0
     for label, value in INTENSITY.items():
         t1[labels == label] = value
     t1 = _smooth(t1)  # partial-volume edges, as in a real scan
-    t1[brain] += rng.normal(0.0, 3.0, size=int(brain.sum())).astype(np.float32)
+    t1[brain] += rng.normal(0.0, 4.0, size=int(brain.sum())).astype(np.float32)
     t1[~brain] = 0.0
     return np.clip(t1, 0.0, None).astype(np.float32), labels
 

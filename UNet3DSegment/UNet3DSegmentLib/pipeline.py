@@ -24,13 +24,25 @@ TTA_AXES = (0, 1, 2)
 
 @dataclass(frozen=True)
 class SegmentOptions:
-    """How to run the sliding window; defaults suit most CPU and GPU runs."""
+    """How to run the sliding window; defaults suit most CPU and GPU runs.
+
+    ``precision`` is applied when ``segment_files`` loads the model (``segment_images`` gets a model
+    already loaded in its precision). ``accumulation`` is the dtype of the class sums (float16 halves
+    them). ``max_memory`` (bytes, None: half the machine's memory) bounds the one buffer that grows
+    with the volume, the full probability array; above it the labelmap is built slab by slab and
+    resampled as labels (nearest neighbour) instead of as probabilities. ``prefetch`` assembles the
+    next batch on a producer thread while the model runs.
+    """
 
     overlap: float = 0.5
     batch_size: int = 2
     blend: str = "gaussian"
     tta: bool = False
     largest_component: bool = False
+    precision: str = "auto"
+    accumulation: str = "float32"
+    max_memory: Optional[int] = None
+    prefetch: bool = True
 
 
 @dataclass
@@ -50,6 +62,34 @@ def _needs_resampling(card: Any) -> bool:
     return card.input.spacing != "native"
 
 
+def _full_probabilities_fit(
+    prepared: Any, classes: int, options: SegmentOptions, keep: bool, emitter: ProgressEmitter
+) -> bool:
+    """Whether the full probability arrays (working and input grid) fit ``options.max_memory``.
+
+    When they do not: with ``keep`` (``--probabilities``) that is an error; otherwise a warning, and
+    the labelmap is resampled as labels instead.
+    """
+    from .memory import budget_or_default, format_size, probability_bytes
+
+    needed = probability_bytes(prepared.array.shape[:3], classes)
+    needed += probability_bytes(tuple(reversed(prepared.original_image.GetSize())), classes)
+    budget = budget_or_default(options.max_memory)
+    if needed <= budget:
+        return True
+    if keep:
+        raise BadInputError(
+            f"writing probabilities needs {format_size(needed)} for them, above the memory budget of "
+            f"{format_size(budget)}; raise --max-memory or leave out --probabilities"
+        )
+    emitter.emit(
+        "warning",
+        message=f"probabilities would need {format_size(needed)}, above the memory budget of "
+        f"{format_size(budget)}: resampling the labelmap itself (nearest neighbour) instead",
+    )
+    return False
+
+
 def segment_images(
     images: Sequence[Any],
     model: Any,
@@ -62,8 +102,9 @@ def segment_images(
     """Segment channel images (one ``SimpleITK.Image`` per card channel) with a ``LoadedModel``."""
     import SimpleITK as sitk
 
-    from .inference import sliding_window_predict
-    from .postprocessing import keep_largest_component, labels_from_probabilities
+    from .devices import FallbackPredictor
+    from .inference import iter_probability_slabs
+    from .postprocessing import keep_largest_component, label_dtype, labels_from_probabilities
     from .preprocessing import prepare
 
     emitter = emitter or ProgressEmitter(progress)
@@ -88,9 +129,15 @@ def segment_images(
         counted["total"] = total
         emitter.patches(done, total)
 
-    probabilities = sliding_window_predict(
-        prepared.array,
+    predictor = FallbackPredictor(
         model.predict,
+        device=getattr(model, "device", "cpu"),
+        cpu_fallback=getattr(model, "cpu_predictor", None),
+        warn=lambda message: emitter.emit("warning", message=message),
+    )
+    slabs = iter_probability_slabs(
+        prepared.array,
+        predictor,
         patch_size=model.patch_size,
         overlap=options.overlap,
         blend=options.blend,
@@ -98,13 +145,20 @@ def segment_images(
         progress=on_patches,
         cancel=cancel,
         mirror_axes=TTA_AXES if options.tta else None,
+        accumulation=options.accumulation,
+        prefetch=options.prefetch,
     )
-    timings["inference"] = emitter.seconds - start
+    full_needed = keep_probabilities or _needs_resampling(card)
+    if full_needed:
+        full_needed = _full_probabilities_fit(prepared, card.num_classes, options, keep_probabilities, emitter)
 
-    start = emitter.seconds
-    emitter.emit("postprocess", message="labelmap on the input grid")
-    full_probabilities = None
-    if _needs_resampling(card) or keep_probabilities:
+    if full_needed:
+        probabilities = np.empty(prepared.array.shape[:3] + (card.num_classes,), dtype=np.float32)
+        for first, slab in slabs:
+            probabilities[first:first + slab.shape[0]] = slab
+        timings["inference"] = emitter.seconds - start
+        start = emitter.seconds
+        emitter.emit("postprocess", message="labelmap on the input grid")
         # Resample probabilities (linear) rather than labels: smoother, more exact boundaries.
         full_probabilities = prepared.restore_probabilities(probabilities)
         del probabilities
@@ -114,8 +168,14 @@ def segment_images(
         labels = sitk.GetImageFromArray(label_array)
         labels.CopyInformation(prepared.original_image)
     else:
-        label_array = labels_from_probabilities(probabilities)
-        del probabilities
+        full_probabilities = None
+        label_array = np.empty(prepared.array.shape[:3], dtype=label_dtype(card.num_classes))
+        for first, slab in slabs:  # the labelmap is built slab by slab: no full probability array
+            label_array[first:first + slab.shape[0]] = labels_from_probabilities(slab)
+            del slab
+        timings["inference"] = emitter.seconds - start
+        start = emitter.seconds
+        emitter.emit("postprocess", message="labelmap on the input grid")
         if options.largest_component:
             label_array = keep_largest_component(label_array)
         labels = prepared.restore_labels(label_array)
@@ -166,7 +226,9 @@ def segment_files(
     emitter.emit("load", message="reading input volume(s)")
     images = read_channels([Path(p) for p in inputs])
     emitter.emit("load", message="loading model")
-    loaded = load_model(Path(model) if model else default_model_path())
+    loaded = load_model(Path(model) if model else default_model_path(), precision=options.precision)
+    if loaded.precision != "fp32":
+        emitter.emit("load", message=f"model runs in {loaded.precision} mixed precision on {loaded.device}")
 
     result = segment_images(
         images,

@@ -25,7 +25,7 @@ from typing import Any, Callable, Optional, Sequence
 
 import numpy as np
 
-from .augmentation import AugmentationConfig, PatchAugmenter, random_patch_transform
+from .augmentation import AugmentationConfig, PatchAugmenter, random_affine_matrix
 from .errors import BadInputError, CancelledError
 
 ProgressCallback = Callable[[dict], None]
@@ -154,7 +154,7 @@ class PatchSampler:
         transform = sitk.AffineTransform(3)
         centre_xyz = tuple(float(v) for v in centre[::-1])
         transform.SetCenter(centre_xyz)
-        transform.SetMatrix(tuple(random_patch_transform(rng, a.max_rotation_deg, a.scale_range).flatten()))
+        transform.SetMatrix(tuple(random_affine_matrix(rng, a.max_rotation_deg, a.scale_range).flatten()))
         size_xyz = tuple(int(p) for p in self.patch[::-1])
         origin = tuple(c - (s - 1) / 2.0 for c, s in zip(centre_xyz, size_xyz))
         *images, labels = self._sitk_channels[case_index]
@@ -232,12 +232,18 @@ def cpu_has_bf16() -> bool:
     return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
-def choose_precision(mode: str) -> str:
+MIN_BF16_PATCH_SIDE = 32  # smaller patches leave 2^3 voxels at the deepest level: see choose_precision
+
+
+def choose_precision(mode: str, patch_size: Sequence[int] = (64, 64, 64)) -> str:
     """Keras dtype policy for ``--mixed-precision auto|on|off``: "mixed_bfloat16" or "float32".
 
     bfloat16 needs no loss scaling; "auto" uses it on a GPU (any the TF build sees) or on a CPU with
     bfloat16 instructions, where it measured about 1.6x faster per training step on this project's
-    2-core AVX512-BF16 machine (seed topology, base 16, 64^3 patch).
+    2-core AVX512-BF16 machine (seed topology, base 16, 64^3 patch). "auto" keeps float32 for patches
+    with a side under ``MIN_BF16_PATCH_SIDE``: with 2^3 voxels at the deepest level and batches of 2 or
+    more, TensorFlow 2.21's CPU bfloat16 Conv3D filter gradient came out ~1e17 times too large
+    (measured), which turns the weights into NaN within a few steps.
     """
     if mode not in ("auto", "on", "off"):
         raise BadInputError(f"mixed precision must be auto, on or off, got {mode!r}")
@@ -245,6 +251,8 @@ def choose_precision(mode: str) -> str:
         return "float32"
     if mode == "on":
         return "mixed_bfloat16"
+    if min(int(p) for p in patch_size) < MIN_BF16_PATCH_SIDE:
+        return "float32"
     import tensorflow as tf
 
     return "mixed_bfloat16" if tf.config.list_physical_devices("GPU") or cpu_has_bf16() else "float32"
@@ -355,7 +363,8 @@ def train(
 
     ``card_data`` is a model-card dict (classes, channels, normalisation...) completed here with the
     network settings, patch size and a ``training`` section (config, per-epoch validation Dice).
-    With no ``validation_cases`` the training cases are validated (best = lowest loss then).
+    With no ``validation_cases``, patches of the training cases (without augmentation) are validated.
+    ``cancel`` is checked before every step; a cancelled run keeps its last checkpoint and best model.
     """
     import keras
     import tensorflow as tf
@@ -365,9 +374,11 @@ def train(
     output = Path(output)
     if output.suffix != ".keras":
         raise BadInputError(f"the output model must end in .keras, got {output.name}")
+    if not train_cases:
+        raise BadInputError("no training cases; give at least one image/label pair")
     output.parent.mkdir(parents=True, exist_ok=True)
     num_classes = len(card_data.get("classes", []))
-    in_channels = train_cases[0].image.shape[-1] if train_cases else 0
+    in_channels = train_cases[0].image.shape[-1]
     for case in list(train_cases) + list(validation_cases):
         if case.image.shape[-1] != in_channels or case.image.shape[:3] != case.labels.shape:
             raise BadInputError(f"case {case.name}: image {case.image.shape} and labels {case.labels.shape} do not fit")
@@ -381,7 +392,7 @@ def train(
         emit({"stage": stage, "done": done, "total": total,
               "seconds": round(time.perf_counter() - start_time, 3), "message": message, **extra})
 
-    precision = choose_precision(config.mixed_precision)
+    precision = choose_precision(config.mixed_precision, config.patch_size)
     keras.utils.set_random_seed(config.seed)
     previous_policy = keras.config.dtype_policy()
     keras.config.set_dtype_policy(precision)
@@ -431,6 +442,11 @@ def train(
             optimizer.learning_rate.assign(config.learning_rate * (1.0 - global_step / total_steps) ** 0.9)
             images, labels = sampler.batch(rng, config.batch_size)
             losses.append(float(train_step(tf.constant(images), tf.constant(labels))))
+            if not np.isfinite(losses[-1]):
+                hint = " or --mixed-precision off" if precision != "float32" else ""
+                raise BadInputError(
+                    f"training diverged (loss {losses[-1]}) in epoch {epoch}; lower --learning-rate{hint}"
+                )
             event("train", global_step + 1, total_steps, f"epoch {epoch}/{config.epochs}",
                   epoch=epoch, loss=float(np.mean(losses)))
         counts = np.zeros((3, num_classes), dtype=np.int64)
