@@ -103,3 +103,21 @@ def test_reference_labels_derivation() -> None:
     np.testing.assert_array_equal(labels, [[[0, 1, 2, 3]]])  # outside mask; CSF; GM; WM
     assert output_stem(None) == "mni152_t1" and output_stem(Path("/x/sub-01_T1w.nii.gz")) == "sub-01_T1w"
     assert all(p.is_file() for p in mni152_paths().values())
+
+
+def test_transformed_copies_are_seeded_with_labels_on_the_image() -> None:
+    from UNet3DSegmentLib.demo import EVALUATION_SEEDS, TRAIN_SEEDS, VALIDATION_SEEDS, load_template_maps, transformed_copy
+
+    assert not set(TRAIN_SEEDS) & set(VALIDATION_SEEDS) and not set(TRAIN_SEEDS) & set(EVALUATION_SEEDS)
+    maps = load_template_maps()
+    image, labels = transformed_copy(*maps, 9000)
+    again, again_labels = transformed_copy(*maps, 9000)
+    array, label_array = sitk.GetArrayFromImage(image), sitk.GetArrayFromImage(labels)
+    np.testing.assert_array_equal(array, sitk.GetArrayViewFromImage(again))
+    np.testing.assert_array_equal(label_array, sitk.GetArrayViewFromImage(again_labels))
+    assert not np.array_equal(array, sitk.GetArrayViewFromImage(maps[0]))  # moved and re-contrasted
+    np.testing.assert_array_equal(array > 0, label_array > 0)  # brain voxels are exactly the labelled ones
+    _, reference = load_template()
+    counts = np.bincount(label_array.ravel(), minlength=4)
+    expected = np.bincount(sitk.GetArrayViewFromImage(reference).ravel(), minlength=4)
+    np.testing.assert_allclose(counts[1:], expected[1:], rtol=0.35)  # same tissues, rescaled by <= 10 %/axis

@@ -387,8 +387,9 @@ class UNet3DSegmentTest(ScriptedLoadableModuleTest):
     """
 
     # The phantom has the template's tissue shares and contrasts. Checkpoints of the bundled model scored
-    # Dice 0.71-0.80 (CSF), 0.93-0.95 (grey), 0.94-0.96 (white matter), 0.98 (whole brain) on it.
-    CLASS_DICE_MIN = 0.6
+    # Dice 0.61-0.80 (CSF, mostly a thin partial-volume rim), 0.93-0.97 (grey), 0.94-0.97 (white matter)
+    # and 0.97-0.98 (whole brain) on it.
+    CLASS_DICE_MIN = 0.5
     MEAN_DICE_MIN = 0.8
     BRAIN_DICE_MIN = 0.9
 

@@ -38,7 +38,8 @@ from UNet3DSegmentLib.demo import (  # noqa: E402
     TRAIN_SEEDS,
     VALIDATION_SEEDS,
     demo_card_data,
-    load_template,
+    load_template_maps,
+    reference_labels,
     transformed_copy,
 )
 
@@ -64,12 +65,12 @@ def parse_args() -> argparse.Namespace:
     return parser.parse_args()
 
 
-def make_cases(t1, labels, seeds, card, prefix):
+def make_cases(maps, seeds, card, prefix):
     from UNet3DSegmentLib.datasets import prepare_case
 
     cases = []
     for seed in seeds:
-        image, moved = transformed_copy(t1, labels, seed)
+        image, moved = transformed_copy(*maps, seed)
         cases.append(prepare_case(f"{prefix}-{seed}", [image], moved, card))
     return cases
 
@@ -89,7 +90,7 @@ def progress_printer():
     return show
 
 
-def evaluate(model_path: Path, t1, labels, evaluation_seeds) -> dict:
+def evaluate(model_path: Path, maps, evaluation_seeds) -> dict:
     """Per-class Dice of the model through the engine pipeline, on held-out copies and the template."""
     import SimpleITK as sitk
 
@@ -99,8 +100,8 @@ def evaluate(model_path: Path, t1, labels, evaluation_seeds) -> dict:
 
     loaded = load_model(model_path)
     results = {}
-    sets = [("template", t1, labels)] + [
-        (f"copy-{seed}", *transformed_copy(t1, labels, seed)) for seed in evaluation_seeds
+    sets = [("template", maps[0], reference_labels(*maps))] + [
+        (f"copy-{seed}", *transformed_copy(*maps, seed)) for seed in evaluation_seeds
     ]
     for name, image, reference in sets:
         start = time.perf_counter()
@@ -126,7 +127,7 @@ def main() -> int:
     configure_tensorflow("auto")  # all cores intra-op, one inter-op thread: before TensorFlow starts
 
     start = time.perf_counter()
-    t1, labels = load_template()
+    maps = load_template_maps()  # T1, GM, WM
     train_seeds = list(TRAIN_SEEDS[: args.train_copies])
     validation_seeds = list(VALIDATION_SEEDS[: args.validation_copies])
     evaluation_seeds = list(EVALUATION_SEEDS[: args.evaluation_copies])
@@ -135,9 +136,10 @@ def main() -> int:
         "data": ("MNI152 2009 symmetric T1 template + GM/WM probability maps shipped with nilearn "
                  "(mni_icbm152_*_tal_nlin_sym_09a_converted.nii.gz). Labels: inside the brain mask (T1 > 0) "
                  "argmax of (CSF = 1 - GM - WM, GM, WM), background outside. Training/validation/evaluation "
-                 "images are transformed copies (random affine: rotation <= 10 deg, scale 0.9-1.1, "
-                 "translation <= 5 mm; bias field; gamma 0.75-1.35; intensity x0.5-2; noise <= 4 % inside "
-                 "the brain) with disjoint seeds."),
+                 "images are transformed copies with disjoint seeds: one random affine (rotation <= 10 deg, "
+                 "scale 0.9-1.1, translation <= 5 mm) moves the T1 (B-spline), the GM/WM maps and the brain "
+                 "mask (linear, mask >= 0.5), labels re-derived by the same rule on the moved maps; then bias "
+                 "field, gamma 0.75-1.35, intensity x0.5-2, noise <= 4 % inside the brain."),
         "train_seeds": [train_seeds[0], train_seeds[-1]],
         "validation_seeds": [validation_seeds[0], validation_seeds[-1]],
         "evaluation_seeds": evaluation_seeds,
@@ -145,8 +147,8 @@ def main() -> int:
     if not args.evaluate_only:
         card = card_from_dict(demo_card_data())
         print(f"making {len(train_seeds)} training and {len(validation_seeds)} validation copies", flush=True)
-        train_cases = make_cases(t1, labels, train_seeds, card, "train")
-        validation_cases = make_cases(t1, labels, validation_seeds, card, "validation")
+        train_cases = make_cases(maps, train_seeds, card, "train")
+        validation_cases = make_cases(maps, validation_seeds, card, "validation")
         print(f"data ready in {time.perf_counter() - start:.0f} s; training", flush=True)
         config = TrainConfig(
             patch_size=(args.patch,) * 3, base_filters=args.base_filters, epochs=args.epochs,
@@ -161,7 +163,7 @@ def main() -> int:
               f"{result.best_dice}", flush=True)
         del train_cases, validation_cases
         data_info["training_seconds"] = round(result.seconds, 1)
-    evaluation = evaluate(args.output, t1, labels, evaluation_seeds)
+    evaluation = evaluate(args.output, maps, evaluation_seeds)
     card_path = card_path_for_model(args.output)
     card = load_card(card_path)
     data = card.to_dict()

@@ -38,6 +38,25 @@ def random_affine_matrix(
     return rotation_matrix(angles) @ np.diag(scales)
 
 
+def random_affine_transform(
+    reference: Any,
+    rng: np.random.Generator,
+    max_rotation_deg: float = 10.0,
+    scale_range: tuple[float, float] = (0.9, 1.1),
+    max_translation_mm: float = 5.0,
+) -> Any:
+    """A random ``sitk.AffineTransform`` about the centre of ``reference`` (rotation, scaling, shift)."""
+    import SimpleITK as sitk
+
+    size = np.array(reference.GetSize())
+    centre = reference.TransformContinuousIndexToPhysicalPoint(tuple(float(v) for v in (size - 1) / 2.0))
+    transform = sitk.AffineTransform(3)
+    transform.SetCenter(centre)
+    transform.SetMatrix(tuple(random_affine_matrix(rng, max_rotation_deg, scale_range).flatten()))
+    transform.SetTranslation(tuple(rng.uniform(-max_translation_mm, max_translation_mm, size=3)))
+    return transform
+
+
 def random_affine_volume(
     image: Any,
     labels: Any,
@@ -52,12 +71,7 @@ def random_affine_volume(
     """
     import SimpleITK as sitk
 
-    size = np.array(image.GetSize())
-    centre = image.TransformContinuousIndexToPhysicalPoint(tuple(float(v) for v in (size - 1) / 2.0))
-    transform = sitk.AffineTransform(3)
-    transform.SetCenter(centre)
-    transform.SetMatrix(tuple(random_affine_matrix(rng, max_rotation_deg, scale_range).flatten()))
-    transform.SetTranslation(tuple(rng.uniform(-max_translation_mm, max_translation_mm, size=3)))
+    transform = random_affine_transform(image, rng, max_rotation_deg, scale_range, max_translation_mm)
     moved = sitk.Resample(image, image, transform, sitk.sitkLinear, 0.0, image.GetPixelID())
     moved_labels = sitk.Resample(labels, labels, transform, sitk.sitkNearestNeighbor, 0, labels.GetPixelID())
     return moved, moved_labels

@@ -9,10 +9,13 @@ Reference labels (``reference_labels``): inside the brain mask (T1 > 0), each vo
 probable of CSF, grey matter and white matter, with ``p(CSF) = 1 - p(GM) - p(WM)`` (clipped to
 [0, 1]); outside the mask it is background. Label values: 0 background, 1 CSF, 2 GM, 3 WM.
 
-Transformed copies (``transformed_copy``): a random affine (rotation <= 10 deg per axis, scaling
-0.9-1.1 per axis, translation <= 5 mm; image linear, labels nearest), a smooth multiplicative bias
-field, a gamma contrast change, a global intensity scale, and Gaussian noise inside the brain, all
-drawn from ``numpy.random.default_rng(seed)``. Training, validation and evaluation use disjoint seed
+Transformed copies (``transformed_copy``): one random affine (rotation <= 10 deg per axis, scaling
+0.9-1.1 per axis, translation <= 5 mm) moves the T1 (cubic B-spline, so copies stay about as sharp as
+the template), the GM/WM maps (linear) and the brain mask (linear, then >= 0.5); the copy's labels are
+then derived from the moved maps and mask by the same rule as the template's, and the copy is zero
+outside the moved mask, so label and image boundaries agree. Then a smooth
+multiplicative bias field, a gamma contrast change, a global intensity scale, and Gaussian noise inside
+the brain, all drawn from ``numpy.random.default_rng(seed)``. Training, validation and evaluation use disjoint seed
 ranges (``TRAIN_SEEDS``, ``VALIDATION_SEEDS``, ``EVALUATION_SEEDS``).
 """
 
@@ -124,28 +127,47 @@ def reference_labels(t1: Any, gm: Any, wm: Any) -> Any:
     return image
 
 
-def load_template() -> tuple[Any, Any]:
-    """The MNI152 T1 (float32) and its reference labels, as SimpleITK images on the template grid."""
+def load_template_maps() -> tuple[Any, Any, Any]:
+    """The MNI152 T1 (float32) and its GM and WM probability maps (float32, 0..1) on the T1 grid."""
     import SimpleITK as sitk
 
     paths = mni152_paths()
     t1 = sitk.Cast(sitk.ReadImage(str(paths["t1"])), sitk.sitkFloat32)
-    gm, wm = (sitk.ReadImage(str(paths[k])) for k in ("gm", "wm"))
-    gm.CopyInformation(t1)
-    wm.CopyInformation(t1)
+    maps = []
+    for key in ("gm", "wm"):
+        image = sitk.Cast(sitk.ReadImage(str(paths[key])), sitk.sitkFloat32)
+        if float(sitk.GetArrayViewFromImage(image).max()) > 1.0:  # stored as 0..255 bytes
+            image = image / 255.0
+        image.CopyInformation(t1)
+        maps.append(image)
+    return t1, maps[0], maps[1]
+
+
+def load_template() -> tuple[Any, Any]:
+    """The MNI152 T1 (float32) and its reference labels, as SimpleITK images on the template grid."""
+    t1, gm, wm = load_template_maps()
     return t1, reference_labels(t1, gm, wm)
 
 
-def transformed_copy(t1: Any, labels: Any, seed: int) -> tuple[Any, Any]:
-    """A randomly transformed copy of (T1, labels) for ``seed`` (see the module docstring)."""
+def transformed_copy(t1: Any, gm: Any, wm: Any, seed: int) -> tuple[Any, Any]:
+    """A randomly transformed copy of the T1 and its labels for ``seed`` (see the module docstring)."""
     import SimpleITK as sitk
 
-    from .augmentation import add_noise, random_affine_volume, random_bias_field, random_gamma
+    from .augmentation import add_noise, random_affine_transform, random_bias_field, random_gamma
 
     rng = np.random.default_rng(seed)
-    moved, moved_labels = random_affine_volume(t1, labels, rng, 10.0, (0.9, 1.1), 5.0)
-    array = sitk.GetArrayFromImage(moved)
-    brain = array > 0
+    transform = random_affine_transform(t1, rng, 10.0, (0.9, 1.1), 5.0)
+
+    def moved(image: Any, interpolator: int) -> Any:
+        return sitk.Resample(image, t1, transform, interpolator, 0.0, sitk.sitkFloat32)
+
+    # The brain mask moved like a label (linear, then >= 0.5): as sharp as the template's own mask.
+    mask = moved(sitk.Cast(t1 > 0, sitk.sitkFloat32), sitk.sitkLinear) >= 0.5
+    labels = reference_labels(mask, moved(gm, sitk.sitkLinear), moved(wm, sitk.sitkLinear))
+    brain = sitk.GetArrayFromImage(mask) > 0
+    array = sitk.GetArrayFromImage(moved(t1, sitk.sitkBSpline))
+    array[brain] = np.maximum(array[brain], 1.0)  # B-spline undershoot must not look like background
+    array[~brain] = 0.0
     array = random_bias_field(array, rng, strength=0.3)
     array = random_gamma(array, rng, (0.75, 1.35), mask=brain)
     array *= np.float32(rng.uniform(0.5, 2.0))
@@ -154,7 +176,7 @@ def transformed_copy(t1: Any, labels: Any, seed: int) -> tuple[Any, Any]:
     array[brain] = np.maximum(array[brain], 1e-3)  # noise must not turn brain voxels into background
     image = sitk.GetImageFromArray(array)
     image.CopyInformation(t1)
-    return image, moved_labels
+    return image, labels
 
 
 # --------------------------------------------------------------------------------------------------
