@@ -15,7 +15,7 @@ from typing import Any, Callable, Optional, TextIO
 ProgressEvent = dict[str, Any]
 ProgressCallback = Callable[[ProgressEvent], None]
 
-STAGES = ("load", "preprocess", "inference", "postprocess", "write", "done", "warning", "error")
+STAGES = ("load", "preprocess", "inference", "postprocess", "write", "done", "warning", "error", "train", "validate")
 
 
 class ProgressEmitter:
