@@ -64,7 +64,7 @@ def test_segment_matches_direct_model_on_single_patch(tmp_path: Path, tiny_model
     sitk.WriteImage(image, str(path))
     output = tmp_path / "out.nii.gz"
     assert main(["segment", str(path), "-o", str(output), "--model", str(tiny_model_path),
-                 "--progress", "none", "--blend", "constant"]) == 0
+                 "--progress", "none", "--blend", "constant", "--precision", "fp32"]) == 0
     model = keras.saving.load_model(tiny_model_path, compile=False)
     normalised = (array - array[array != 0].mean()) / array[array != 0].std()
     expected = np.argmax(model(normalised[None, ..., None], training=False).numpy()[0], axis=-1)

@@ -35,7 +35,7 @@ CPU_GFLOPS_PER_CORE_NO_AVX512 = {"fp32": 55.0, "bf16": 10.0, "fp16": 10.0}
 GPU_GFLOPS = {"fp32": 25_000.0, "bf16": 80_000.0, "fp16": 80_000.0}
 # Narrow layers are bound by memory traffic and per-op overhead, not arithmetic: CPU seconds per
 # element of every layer output (per core), calibrated on a 1-filter 64^3 model on this machine.
-CPU_SECONDS_PER_ACTIVATION = 4e-9
+CPU_SECONDS_PER_ACTIVATION = 6e-9  # 40 ms per 64^3 patch of a 1-filter seed net (bf16, 2 cores)
 
 
 def parse_size(text: str) -> int:
