@@ -157,30 +157,27 @@ def model_flops(model: Any) -> int:
     return total
 
 
-def largest_activation(model: Any) -> int:
-    """Elements of the largest layer output of the model for one patch."""
-    largest = 0
+def _activation_sizes(model: Any) -> list[int]:
+    """Elements of each 5-D layer output of the model for one patch."""
+    sizes = []
     for layer in model.layers:
         try:
             shape = layer.output.shape
         except (AttributeError, ValueError):
             continue
         if len(shape) == 5 and None not in shape[1:]:
-            largest = max(largest, int(math.prod(shape[1:])))
-    return largest
+            sizes.append(int(math.prod(shape[1:])))
+    return sizes
+
+
+def largest_activation(model: Any) -> int:
+    """Elements of the largest layer output of the model for one patch."""
+    return max(_activation_sizes(model), default=0)
 
 
 def activation_elements(model: Any) -> int:
     """Elements of all layer outputs of the model for one patch (the memory traffic of a pass)."""
-    total = 0
-    for layer in model.layers:
-        try:
-            shape = layer.output.shape
-        except (AttributeError, ValueError):
-            continue
-        if len(shape) == 5 and None not in shape[1:]:
-            total += int(math.prod(shape[1:]))
-    return total
+    return sum(_activation_sizes(model))
 
 
 def expected_seconds_per_patch(
