@@ -56,10 +56,8 @@ def add_runtime_arguments(parser: argparse.ArgumentParser) -> None:
 
 def select_runtime(args: argparse.Namespace) -> str:
     """Choose the Keras backend (before Keras is imported) and configure its device; return the device."""
-    from .backends import select_backend
+    from .backends import backend_installed, select_backend
     from .model_io import configure_runtime
-
-    from .backends import backend_installed
 
     select_backend(args.backend, args.device, args.gpu)
     if backend_installed("tensorflow"):  # Keras loads TensorFlow on every backend when it is there

@@ -64,7 +64,9 @@ def configure_tensorflow(
     if _configured.get("request") == request:
         return _configured["device"]
 
-    import tensorflow as tf
+    from .tf_runtime import import_tensorflow_quietly
+
+    tf = import_tensorflow_quietly()  # keeps TensorFlow's native start-up lines off stderr
 
     gpus = tf.config.list_physical_devices("GPU")  # does not start TensorFlow's runtime
     chosen = None
