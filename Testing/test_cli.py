@@ -190,3 +190,19 @@ def test_sigterm_cancels_and_leaves_nothing(tmp_path: Path, tiny_model_path: Pat
     assert process.returncode == errors.EXIT_CANCELLED
     assert json.loads(stdout.splitlines()[-1])["kind"] == "cancelled"
     assert files_in(out_dir) == []
+
+
+def test_failed_labelmap_write_removes_the_probabilities(tmp_path: Path, oblique_nrrd: Path,
+                                                          tiny_model_path: Path, monkeypatch, capsys):
+    """No half-finished run: when the labelmap cannot be written, the probabilities go too."""
+    from UNet3DSegmentLib import image_io
+
+    def broken_write(*args, **kwargs):
+        raise errors.BadInputError("cannot write labels.nrrd: disk full; free some space")
+
+    monkeypatch.setattr(image_io, "write_labelmap", broken_write)
+    code = main(["segment", str(oblique_nrrd), "-o", str(tmp_path / "labels.nrrd"), "--model",
+                 str(tiny_model_path), "--probabilities", str(tmp_path / "probs.nrrd"), "--progress", "none"])
+    assert code == errors.EXIT_BAD_INPUT
+    assert "disk full" in capsys.readouterr().err
+    assert files_in(tmp_path) == []

@@ -244,16 +244,23 @@ def segment_files(
         raise CancelledError("cancelled before writing; nothing was written")
 
     emitter.emit("write", message=f"writing {output_path.name}")
-    if output_path.name.lower().endswith(".seg.nrrd"):
-        classes = [
-            (c.name, c.rgb01, c.terminology.to_slicer_string() if c.terminology else None)
-            for c in result.card.classes
-        ]
-        write_segmentation(result.labels, output_path, classes, overwrite=overwrite)
-    else:
-        write_labelmap(result.labels, output_path, overwrite=overwrite)
+    # Probabilities first: if the labelmap then fails, they are removed again, so a failed run never
+    # leaves one output without the other.
     if probabilities_path is not None:
         write_probabilities(result.probabilities, result.labels, probabilities_path, overwrite=overwrite)
+    try:
+        if output_path.name.lower().endswith(".seg.nrrd"):
+            classes = [
+                (c.name, c.rgb01, c.terminology.to_slicer_string() if c.terminology else None)
+                for c in result.card.classes
+            ]
+            write_segmentation(result.labels, output_path, classes, overwrite=overwrite)
+        else:
+            write_labelmap(result.labels, output_path, overwrite=overwrite)
+    except BaseException:
+        if probabilities_path is not None:
+            probabilities_path.unlink(missing_ok=True)
+        raise
     result.output = output_path
     emitter.emit("done", message=f"wrote {output_path}", output=str(output_path), patches=result.patches)
     return result
