@@ -103,3 +103,56 @@ def test_saved_model_needs_tensorflow(tmp_path: Path):
                           "--progress", "none"])
     assert result.returncode == 4, result.stderr
     assert "is a TensorFlow SavedModel, which only the tensorflow backend can run" in result.stderr
+
+
+CPU_TWIN_PROBE = """
+import json, sys
+import numpy as np
+from UNet3DSegmentLib.backends import select_backend
+select_backend(sys.argv[1])
+from UNet3DSegmentLib.model_io import configure_runtime, load_model
+configure_runtime("cpu")
+loaded = load_model(sys.argv[2], precision="fp32")
+batch = np.random.default_rng(3).normal(size=(3, 16, 16, 16, 1)).astype(np.float32)
+expected = loaded.predict(batch)
+loaded.device = "gpu:0"  # pretend the model ran on a GPU, to get the out-of-memory CPU copy
+twin = loaded.cpu_predictor()
+got = twin.predict(batch)
+devices = sorted({str(v.value.device).split(":")[0] for v in twin.keras_model.weights})
+print(json.dumps({"device": twin.device, "precision": twin.precision, "separate": twin.keras_model is not
+                  loaded.keras_model, "devices": devices, "difference": float(np.abs(got - expected).max())}))
+"""
+
+
+def test_torch_model_has_a_cpu_copy_for_the_out_of_memory_fallback(tiny_model_path: Path):
+    """The GPU fallback's last step: a float32 copy of the network on the CPU, same probabilities."""
+    if not HAS_TORCH:
+        pytest.skip("PyTorch is not installed (pip install 'unet3dsegment[torch]')")
+    env = {k: v for k, v in os.environ.items() if k not in ("KERAS_BACKEND", "KERAS_TORCH_DEVICE")}
+    result = subprocess.run([sys.executable, "-c", CPU_TWIN_PROBE, "torch", str(tiny_model_path)],
+                            capture_output=True, text=True, timeout=300, env=env)
+    assert result.returncode == 0, result.stderr
+    report = __import__("json").loads(result.stdout.strip().splitlines()[-1])
+    assert report["device"] == "cpu" and report["precision"] == "fp32" and report["separate"]
+    assert report["devices"] == ["cpu"]
+    assert report["difference"] < 1e-6
+
+
+def test_gpu_memory_limit_is_refused_on_jax_and_when_tiny():
+    from UNet3DSegmentLib.model_io import configure_runtime
+
+    with pytest.raises(BadInputError, match=r"^a GPU memory limit is not available on the jax backend; set "
+                                            r"XLA_PYTHON_CLIENT_MEM_FRACTION"):
+        select_backend("jax", gpu_memory_limit=2**30)
+    with pytest.raises(BadInputError, match=r"^GPU memory limit must be at least 1 MiB, got 1000 bytes$"):
+        configure_runtime("cpu", gpu_memory_limit=1000)
+
+
+def test_gpu_memory_limit_option(tmp_path: Path, tiny_model_path: Path, volume: Path):
+    """Accepted as a size on the command line (no GPU here: nothing to cap, same result); bad sizes refused."""
+    bad = run_segment([str(volume), "-o", str(tmp_path / "a.nrrd"), "--gpu-memory-limit", "lots"])
+    assert bad.returncode == 2 and "--gpu-memory-limit" in bad.stderr
+    good = run_segment([str(volume), "-o", str(tmp_path / "b.nrrd"), "--model", str(tiny_model_path),
+                        "--gpu-memory-limit", "512M", "--progress", "none"])
+    assert good.returncode == 0, good.stderr
+    assert sitk.ReadImage(str(tmp_path / "b.nrrd")).GetSize() == (30, 26, 20)

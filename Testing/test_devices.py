@@ -130,3 +130,8 @@ def test_gpu_index_without_a_gpu():
     if tf.config.list_physical_devices("GPU"):
         pytest.skip("a GPU is visible here")
     assert configure_tensorflow("auto", gpu_index=3) == "cpu"  # auto: no GPU, so the CPU
+
+
+def test_cpu_allocation_failure_of_pytorch_is_recognised():
+    assert _is_out_of_memory(RuntimeError("[enforce fail at alloc_cpu.cpp:117] data. DefaultCPUAllocator: can't "
+                                          "allocate memory: you tried to allocate 68719476736 bytes."))

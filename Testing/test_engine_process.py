@@ -271,9 +271,22 @@ def test_segment_command_lists_only_chosen_options() -> None:
                            "--precision", "bf16", "--largest-component", "--threads", "1", "--progress", "json"]
 
 
+def test_speed_and_device_options_become_engine_flags() -> None:
+    options = EngineOptions(backend="torch", gpu_index=1, gpu_memory_limit="6G", max_memory=" 4G",
+                            accumulation="float16")
+    command = segment_command("/py", ["/in/t1.nrrd"], "/o.nrrd", options=options)
+    assert command[7:-2] == ["--backend", "torch", "--gpu", "1", "--gpu-memory-limit", "6G", "--max-memory", "4G",
+                             "--accumulation", "float16"]
+    assert "--backend" not in segment_command("/py", ["/in.nrrd"], "/o.nrrd", options=EngineOptions())
+
+
 @pytest.mark.parametrize(
     ("options", "message"),
     [
+        (EngineOptions(backend="mxnet"), "backend must be one of tensorflow, torch, jax, got 'mxnet'"),
+        (EngineOptions(gpu_index=-1), "GPU index must be an integer >= 0, got -1"),
+        (EngineOptions(gpu_memory_limit="lots"), "memory size 'lots' is not a size such as 4G, 512M or 1.5GiB"),
+        (EngineOptions(accumulation="int8"), "accumulation must be one of float32, float16, got 'int8'"),
         (EngineOptions(overlap=1.0), "overlap must be >= 0 and < 1, got 1.0"),
         (EngineOptions(batch_size=0), "batch size must be a positive integer, got 0"),
         (EngineOptions(device="tpu"), "device must be one of auto, cpu, gpu, got 'tpu'"),
@@ -312,9 +325,12 @@ def test_every_flag_the_panel_can_send_is_accepted_by_the_engine_command_line() 
     from UNet3DSegmentLib.cli import build_parser
 
     options = EngineOptions(overlap=0.25, batch_size=4, blend="constant", tta=True, device="cpu",
-                            precision="bf16", largest_component=True)
+                            precision="bf16", largest_component=True, backend="jax", gpu_index=2,
+                            gpu_memory_limit="1.5G", max_memory="3G", accumulation="float16")
     command = segment_command("/py", ["/in/t1.nrrd"], "/o.nrrd", model="/m/model.keras", options=options)
     args = build_parser().parse_args(command[3:])
+    assert (args.backend, args.gpu, args.gpu_memory_limit, args.max_memory, args.accumulation) == (
+        "jax", 2, int(1.5 * 2**30), 3 * 2**30, "float16")
     assert (args.inputs, args.output, args.model) == (["/in/t1.nrrd"], "/o.nrrd", "/m/model.keras")
     assert (args.overlap, args.batch_size, args.blend, args.tta) == (0.25, 4, "constant", True)
     assert (args.device, args.precision, args.largest_component, args.progress) == ("cpu", "bf16", True, "json")

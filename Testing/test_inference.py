@@ -295,7 +295,9 @@ def test_cancel_set_before_start_calls_nothing():
     assert predictor.calls == 0
 
 
-def test_cancel_during_run_stops_before_the_next_batch():
+@pytest.mark.parametrize("prefetch", [False, True])
+def test_cancel_during_run_stops_before_the_next_batch(prefetch: bool):
+    """In turn: no call after the cancel. Pipelined: at most the one batch already in the model thread."""
     cancel = threading.Event()
     predictor = Recorder()
 
@@ -303,10 +305,11 @@ def test_cancel_during_run_stops_before_the_next_batch():
         if done == 2:
             cancel.set()
 
-    with pytest.raises(CancelledError, match=r"^cancelled after 2 of 8 patches"):
+    with pytest.raises(CancelledError, match=r"^cancelled after 2 of 8 patches$"):
         sliding_window_predict(coordinate_image((16, 24, 40)), predictor, (16, 16, 16), 0.5,
-                               batch_size=1, progress=progress, cancel=cancel)
-    assert predictor.calls == 2
+                               batch_size=1, progress=progress, cancel=cancel, prefetch=prefetch)
+    assert predictor.calls == 2 if not prefetch else predictor.calls in (2, 3)
+    assert not [t for t in threading.enumerate() if t.name in ("unet3d-model", "unet3d-prefetch")]
 
 
 def test_cancel_error_is_the_cancelled_kind():

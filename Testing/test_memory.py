@@ -118,7 +118,27 @@ def test_prefetch_thread_stops_when_the_run_fails():
 
     with pytest.raises(RuntimeError, match="model failed"):
         sliding_window_predict(volume(), failing, (16, 16, 16), 0.5)
-    assert not [t for t in threading.enumerate() if t.name == "unet3d-prefetch"]
+    assert not [t for t in threading.enumerate() if t.name in ("unet3d-prefetch", "unet3d-model")]
+
+
+def test_model_thread_gives_the_same_values_and_progress_as_running_in_turn():
+    """With test-time flips and a batch that ends short: same sums, same progress steps, calls in order."""
+    image = volume((30, 20, 26))
+    runs = {}
+    for prefetch in (True, False):
+        steps: list[tuple[int, int]] = []
+        seen: list[float] = []
+
+        def recording(batch: np.ndarray) -> np.ndarray:
+            seen.append(float(batch[:, 0, 0, 0, 0].sum()))
+            return smooth_predictor(batch)
+
+        values = sliding_window_predict(image, recording, (16, 16, 16), 0.5, batch_size=3, mirror_axes=(0, 2),
+                                        progress=lambda d, t: steps.append((d, t)), prefetch=prefetch)
+        runs[prefetch] = (values, steps, seen)
+    np.testing.assert_array_equal(runs[True][0], runs[False][0])
+    assert runs[True][1] == runs[False][1] and runs[True][1][-1] == (72, 72)  # 18 tiles x 4 flips
+    assert runs[True][2] == runs[False][2]  # the predictor saw the same batches in the same order
 
 
 @pytest.mark.parametrize(
@@ -241,4 +261,33 @@ def test_seed_network_flops_and_expected_time():
     assert largest_activation(model) == 64 ** 3 * 192  # concat_0: 64 skip + 128 upsampled channels
     assert expected_seconds_per_patch(flops, "cpu", "fp32", 2) == pytest.approx(2.2, abs=0.05)
     assert expected_seconds_per_patch(flops, "cpu", "bf16", 2) == pytest.approx(1.16, abs=0.05)
-    assert expected_seconds_per_patch(flops, "gpu:0", "bf16", 2) == pytest.approx(flops / 80e12)
+    assert expected_seconds_per_patch(flops, "gpu:0", "bf16", 2) == pytest.approx(flops / 30e12)
+    assert expected_seconds_per_patch(flops, "gpu:0", "bf16", 2, backend="jax") == pytest.approx(flops / 96e12)
+
+
+@pytest.mark.parametrize("bands", [2, 3, 7])
+def test_blending_in_y_bands_on_several_threads_is_bit_identical(bands: int, monkeypatch):
+    """Machines with many cores blend in y bands on a thread pool: the sums must not change by one bit."""
+    import UNet3DSegmentLib.inference as inference
+
+    image = volume((30, 37, 26))
+    single = sliding_window_predict(image, smooth_predictor, (16, 16, 16), 0.5, batch_size=3)
+    monkeypatch.setattr(inference, "blend_threads", lambda cores=None: bands)
+    threads_seen: set[str] = set()
+
+    def spying(batch: np.ndarray) -> np.ndarray:
+        threads_seen.update(t.name for t in threading.enumerate())
+        return smooth_predictor(batch)
+
+    banded = sliding_window_predict(image, spying, (16, 16, 16), 0.5, batch_size=3)
+    np.testing.assert_array_equal(banded, single)
+    assert any(name.startswith("unet3d-blend") for name in threads_seen)
+    assert not [t for t in threading.enumerate() if t.name.startswith("unet3d-blend")]  # pool shut down
+
+
+def test_blend_threads_grow_with_the_cores():
+    from UNet3DSegmentLib.inference import _band_edges, blend_threads
+
+    assert [blend_threads(c) for c in (1, 2, 4, 8, 16, 64)] == [1, 1, 1, 2, 4, 4]
+    assert _band_edges(10, 3) == [(0, 3), (3, 7), (7, 10)]
+    assert _band_edges(2, 4) == [(0, 1), (1, 2)]

@@ -133,3 +133,12 @@ def test_dice() -> None:
     assert phantom.dice(a, b, 1) == pytest.approx(2 * 1 / 3)
     assert phantom.dice(a, b, 2) == pytest.approx(2 * 2 / 6)
     assert phantom.dice(a, b, 7) == 1.0
+
+
+def test_engine_modules_follow_the_backend():
+    assert dependencies.engine_modules() == ("tensorflow", "SimpleITK", "numpy")
+    assert dependencies.engine_modules("torch") == ("keras", "torch", "SimpleITK", "numpy")
+    assert dependencies.engine_modules("jax") == ("keras", "jax", "SimpleITK", "numpy")
+    assert dependencies.requirements_for(["keras", "torch"]) == ["keras>=3", "torch"]
+    with pytest.raises(BadInputError, match=r"^backend must be one of tensorflow, torch, jax, got 'caffe'$"):
+        dependencies.engine_modules("caffe")

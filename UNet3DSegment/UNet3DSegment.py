@@ -80,6 +80,15 @@ class Precision(enum.Enum):
         return {"auto": _("Automatic"), "fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}[self.value]
 
 
+class Backend(enum.Enum):
+    TENSORFLOW = "tensorflow"
+    TORCH = "torch"
+    JAX = "jax"
+
+    def label(self):
+        return {"tensorflow": "TensorFlow", "torch": "PyTorch", "jax": "JAX"}[self.value]
+
+
 @parameterNodeWrapper
 class UNet3DSegmentParameterNode:
     """The panel's choices, saved with the scene. inputVolume0..3 are the model card's channels in order."""
@@ -96,6 +105,8 @@ class UNet3DSegmentParameterNode:
     tta: bool = False
     largestComponent: bool = False
     precision: Precision = Precision.AUTO
+    backend: Backend = Backend.TENSORFLOW
+    gpuMemoryLimitGB: Annotated[float, WithinRange(0.0, 1024.0)] = 0.0  # 0: no limit
     pythonExecutable: str = ""
 
 
@@ -246,10 +257,11 @@ class UNet3DSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 if not slicer.util.confirmOkCancelDisplay(question):
                     return
             self._tracker = panel_text.ProgressTracker()
+            gpuLimit = f"{p.gpuMemoryLimitGB:g}G" if p.gpuMemoryLimitGB > 0 else None
             self._job = self.logic.segment(
                 self._inputVolumes(), output, model=p.modelPath, overlap=p.overlap, batchSize=p.batchSize,
                 tta=p.tta, device=p.device.value, precision=p.precision.value, largestComponent=p.largestComponent,
-                pythonExecutable=python, replaceExisting=output is not None, waitForCompletion=False,
+                backend=p.backend.value, gpuMemoryLimit=gpuLimit, pythonExecutable=python, replaceExisting=output is not None, waitForCompletion=False,
                 progress=self.onProgress)
             self._setRunning(True)
             self._timer.start()
@@ -257,7 +269,8 @@ class UNet3DSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def _ensureDependencies(self, python: Optional[str]) -> bool:
         """Offer to install what Slicer's Python lacks (never at import, never under --testing)."""
         environment = None if python is None else slicer.util.startupEnvironment()
-        missing = dependencies.missing_modules(python, env=environment)
+        modules = dependencies.engine_modules(self._parameterNode.backend.value)
+        missing = dependencies.missing_modules(python, modules, env=environment)
         if not missing:
             return True
         requirements = dependencies.requirements_for(missing, self.resourcePath("requirements.txt"))
@@ -268,8 +281,8 @@ class UNet3DSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if slicer.app.testingEnabled():
             raise BadInputError(_("Slicer's Python lacks {missing}; not installing during tests").format(
                 missing=", ".join(missing)))
-        question = _("The segmentation engine needs {packages} in Slicer's Python (TensorFlow is a download of "
-                     "about 300-600 MB). Slicer's own numpy, SimpleITK and VTK are kept. Install now?").format(
+        question = _("The segmentation engine needs {packages} in Slicer's Python (TensorFlow or PyTorch is a "
+                     "download of several hundred MB). Slicer's own numpy, SimpleITK and VTK are kept. Install now?").format(
             packages=", ".join(requirements))
         if not slicer.util.confirmOkCancelDisplay(question):
             return False

@@ -6,13 +6,20 @@ Every variant runs in its own process, so that peak RSS and TensorFlow's thread 
 
 Variants: ``engine-fp32``, ``engine-bf16`` (this engine's ``sliding_window_predict``), and, when
 ``monai`` and ``torch`` are installed, ``monai-fp32`` / ``monai-bf16``: MONAI's
-``sliding_window_inference`` calling the same TensorFlow predictor with the same patch, overlap,
-batch size and Gaussian blend (sigma = patch / 8).
+``sliding_window_inference`` calling the same compiled predictor with the same patch, overlap,
+batch size and Gaussian blend (sigma = patch / 8). ``--rounds 2`` runs the variant list forwards and
+then backwards (A B B A), so that a slow or fast spell of a shared machine falls on both sides.
+``--backend torch|jax`` runs the model through Keras on PyTorch or JAX (with ``--device gpu``: the
+GPU figures, with the share of the GPU's bf16 peak given by ``--peak-tflops``). ``--oom-check``
+forces GPU out-of-memory with PyTorch's memory cap and checks the fallback.
 
     python benchmarks/bench_inference.py                       # 240x240x155, full seed net, overlap 0.5
     python benchmarks/bench_inference.py --shape 128,128,128   # reduced size (z, y, x)
     python benchmarks/bench_inference.py --demo-dice           # bf16 vs fp32 Dice on the demo model
     python benchmarks/bench_inference.py --memory-check        # 512x512x400 CT, tiny model: peak RSS
+    python benchmarks/bench_inference.py --backend torch --device gpu --variants engine-fp32,engine-bf16
+    python benchmarks/bench_inference.py --backend torch --device gpu --oom-check
+    python benchmarks/bench_inference.py --same-process fp32 --rounds 2   # engine vs MONAI, one process
 """
 
 from __future__ import annotations
@@ -46,10 +53,25 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--repeats", type=int, default=4, help="timed batches for the per-patch time")
     parser.add_argument("--threads", type=int, default=None, help="TensorFlow intra-op threads (default: cores)")
     parser.add_argument("--device", choices=["auto", "cpu", "gpu"], default="cpu")
+    parser.add_argument("--backend", choices=["tensorflow", "torch", "jax"], default="tensorflow",
+                        help="Keras backend that runs the model (default tensorflow)")
+    parser.add_argument("--rounds", type=int, default=1,
+                        help="run the variant list this many times, every other round in reverse order")
+    parser.add_argument("--peak-tflops", type=float, default=None,
+                        help="the device's dense bf16 peak in TFLOP/s, to print the share of it used")
+    parser.add_argument("--timeout", type=float, default=None, help="seconds allowed per variant")
+    parser.add_argument("--serial", action="store_true",
+                        help="engine: assemble, predict and blend in turn on one thread (no prefetch/model thread)")
     parser.add_argument("--variants", default="engine-fp32,engine-bf16,monai-fp32",
                         help=f"comma-separated, from {', '.join(VARIANTS)}")
     parser.add_argument("--demo-dice", action="store_true", help="bf16 vs fp32 on the demo model and template")
     parser.add_argument("--memory-check", action="store_true", help="512x512x400 CT with a tiny model: peak RSS")
+    parser.add_argument("--same-process", choices=["fp32", "bf16"], default=None,
+                        help="engine and MONAI alternately in one process on one predictor (--rounds 2: A B B A)")
+    parser.add_argument("--compare", default="engine,monai",
+                        help="with --same-process: windows to alternate, from engine, engine-serial, monai")
+    parser.add_argument("--oom-check", action="store_true",
+                        help="GPU (torch backend): force out-of-memory with a memory cap; check the fallback")
     parser.add_argument("--json", metavar="PATH", help="also write all results to this JSON file")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     return parser.parse_args(argv)
@@ -68,12 +90,17 @@ def max_rss_bytes() -> int:
 
 # ------------------------------------------------------------------------------------------ child
 def load_predictor(args: argparse.Namespace, precision: str) -> Any:
-    """The engine's LoadedModel (compiled tf.function) for the benchmark model in ``precision``."""
-    from UNet3DSegmentLib.model_io import configure_tensorflow, load_model
-    from UNet3DSegmentLib.tf_runtime import import_tensorflow_quietly
+    """The engine's LoadedModel (compiled for its backend) for the benchmark model in ``precision``."""
+    from UNet3DSegmentLib.backends import backend_installed, select_backend
 
-    import_tensorflow_quietly()
-    configure_tensorflow(args.device, threads=args.threads)
+    select_backend(args.backend, args.device)  # before Keras is imported
+    if backend_installed("tensorflow"):
+        from UNet3DSegmentLib.tf_runtime import import_tensorflow_quietly
+
+        import_tensorflow_quietly()
+    from UNet3DSegmentLib.model_io import configure_runtime, load_model
+
+    configure_runtime(args.device, threads=args.threads)
     if args.model:
         return load_model(Path(args.model), precision=precision)
     import keras
@@ -106,30 +133,17 @@ def run_child(args: argparse.Namespace) -> dict[str, Any]:
     image = np.random.default_rng(0).normal(size=shape + (loaded.in_channels,)).astype(np.float32)
     batch = image[None, : patch[0], : patch[1], : patch[2]].repeat(args.batch_size, axis=0).copy()
     model_seconds = per_patch_seconds(loaded.predict, batch, args.repeats)
-    calls = {"patches": 0, "seconds": 0.0}
+    from UNet3DSegmentLib.memory import model_flops
 
-    def counted(array: np.ndarray) -> np.ndarray:
-        calls["patches"] += array.shape[0]
-        begin = time.perf_counter()
-        result = loaded.predict(array)
-        calls["seconds"] += time.perf_counter() - begin
-        return result
-
-    start = time.perf_counter()
-    if kind == "engine":
-        from UNet3DSegmentLib.inference import sliding_window_predict
-
-        result = sliding_window_predict(image, counted, patch, args.overlap, "gaussian", args.batch_size)
-        labels = result.argmax(-1)
-    else:
-        result = run_monai(image, counted, patch, args)
-        labels = result.argmax(-1)
-    total = time.perf_counter() - start
+    flops = model_flops(loaded.keras_model)
+    total, calls, labels = time_window(kind, image, loaded, args)
     patches = calls["patches"]
     return {
-        "variant": args.child,
+        "variant": args.child + ("-serial" if args.serial and kind == "engine" else ""),
+        "backend": loaded.backend,
         "precision": loaded.precision,
         "device": loaded.device,
+        "gflop_per_patch": flops / 1e9,
         "shape_zyx": list(shape),
         "patch": list(patch),
         "overlap": args.overlap,
@@ -145,6 +159,77 @@ def run_child(args: argparse.Namespace) -> dict[str, Any]:
         "peak_rss_bytes": max_rss_bytes(),
         "label_checksum": int(np.bincount(labels.ravel(), minlength=4)[:4] @ np.arange(1, 5)),
     }
+
+
+def time_window(kind: str, image: np.ndarray, loaded: Any, args: argparse.Namespace
+                ) -> tuple[float, dict[str, float], np.ndarray]:
+    """One whole sliding window (``engine`` or ``monai``) plus argmax: seconds, model calls, labels."""
+    calls = {"patches": 0, "seconds": 0.0}
+
+    def counted(array: np.ndarray) -> np.ndarray:
+        calls["patches"] += array.shape[0]
+        begin = time.perf_counter()
+        result = loaded.predict(array)
+        calls["seconds"] += time.perf_counter() - begin
+        return result
+
+    start = time.perf_counter()
+    if kind in ("engine", "engine-serial"):
+        from UNet3DSegmentLib.inference import sliding_window_predict
+
+        serial = args.serial or kind == "engine-serial"
+        result = sliding_window_predict(image, counted, loaded.patch_size, args.overlap, "gaussian",
+                                        args.batch_size, prefetch=not serial)
+    else:
+        result = run_monai(image, counted, loaded.patch_size, args)
+    labels = result.argmax(-1)
+    return time.perf_counter() - start, calls, labels
+
+
+def same_process_child(args: argparse.Namespace) -> dict[str, Any]:
+    """Engine and MONAI alternately in one process on one compiled predictor (A B B A ... order).
+
+    Separate processes can differ by several per cent in the speed of the very same compiled model
+    (memory placement, a shared machine's neighbours); here both windows call the same function on
+    the same weights, so the ratio of their totals is the ratio of what they add around the model.
+    """
+    precision = args.child.split("-")[1]
+    loaded = load_predictor(args, precision)
+    patch = loaded.patch_size
+    image = np.random.default_rng(0).normal(size=shape_of(args.shape) + (loaded.in_channels,)).astype(np.float32)
+    batch = image[None, : patch[0], : patch[1], : patch[2]].repeat(args.batch_size, axis=0).copy()
+    per_patch_seconds(loaded.predict, batch, 1)  # warm-up (traces, autotunes)
+    runs = []
+    for kind in variant_order(args.compare.split(","), max(1, args.rounds)):
+        total, calls, labels = time_window(kind, image, loaded, args)
+        runs.append({"kind": kind, "total_seconds": total, "model_seconds": calls["seconds"],
+                     "patches": calls["patches"],
+                     "label_checksum": int(np.bincount(labels.ravel(), minlength=4)[:4] @ np.arange(1, 5))})
+        print(f"  {kind:<13} {total:.1f} s (model {calls['seconds']:.1f} s, around it "
+              f"{total - calls['seconds']:.2f} s)", file=sys.stderr, flush=True)
+    return {"precision": loaded.precision, "device": loaded.device, "backend": loaded.backend, "runs": runs}
+
+
+def same_process(args: argparse.Namespace) -> dict[str, Any]:
+    """Run :func:`same_process_child` for ``--same-process fp32|bf16`` and print the ratio."""
+    done = subprocess.run(child_command(args, f"same-{args.same_process}"), stdout=subprocess.PIPE, text=True,
+                          timeout=args.timeout)
+    if done.returncode != 0:
+        raise SystemExit("same-process comparison failed")
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    kinds = args.compare.split(",")
+    sums = {kind: sum(r["total_seconds"] for r in result["runs"] if r["kind"] == kind) for kind in kinds}
+    model = {kind: sum(r["model_seconds"] for r in result["runs"] if r["kind"] == kind) for kind in kinds}
+    result["totals"], result["model_totals"] = sums, model
+    print(f"same process, {result['backend']} {result['precision']} on {result['device']}, "
+          f"{len(result['runs'])} windows in A B B A order:", flush=True)
+    for kind in kinds:
+        print(f"  {kind:<13} total {sums[kind]:.1f} s, model {model[kind]:.1f} s, around the model "
+              f"{sums[kind] - model[kind]:.2f} s", flush=True)
+    if "engine" in sums and "monai" in sums:
+        result["monai_over_engine"] = sums["monai"] / sums["engine"]
+        print(f"MONAI / engine: x{result['monai_over_engine']:.4f}", flush=True)
+    return result
 
 
 def run_monai(image: np.ndarray, predict: Any, patch: tuple[int, int, int], args: argparse.Namespace) -> np.ndarray:
@@ -169,30 +254,49 @@ def run_monai(image: np.ndarray, predict: Any, patch: tuple[int, int, int], args
 def child_command(args: argparse.Namespace, variant: str) -> list[str]:
     command = [sys.executable, __file__, "--child", variant, "--shape", args.shape, "--overlap", str(args.overlap),
                "--batch-size", str(args.batch_size), "--repeats", str(args.repeats), "--device", args.device,
-               "--base-filters", str(args.base_filters), "--patch", args.patch]
+               "--base-filters", str(args.base_filters), "--patch", args.patch, "--backend", args.backend,
+               "--rounds", str(args.rounds), "--compare", args.compare]
     if args.model:
         command += ["--model", args.model]
     if args.threads:
         command += ["--threads", str(args.threads)]
+    if args.serial:
+        command += ["--serial"]
     return command
+
+
+def variant_order(variants: list[str], rounds: int) -> list[str]:
+    """The variants ``rounds`` times, every other round reversed (A B, B A, A B...)."""
+    order: list[str] = []
+    for index in range(rounds):
+        order += variants if index % 2 == 0 else variants[::-1]
+    return order
 
 
 def run_variants(args: argparse.Namespace) -> list[dict[str, Any]]:
     results = []
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")
-    for variant in [v for v in args.variants.split(",") if v]:
+    variants = [v for v in args.variants.split(",") if v]
+    for variant in variants:
         if variant not in VARIANTS:
             raise SystemExit(f"unknown variant {variant!r}; use {', '.join(VARIANTS)}")
+    for variant in variant_order(variants, max(1, args.rounds)):
         if variant.startswith("monai") and not has_monai():
             print(f"{variant}: skipped (monai and torch are not installed)", flush=True)
             continue
-        done = subprocess.run(child_command(args, variant), capture_output=True, text=True, env=env)
+        try:
+            done = subprocess.run(child_command(args, variant), capture_output=True, text=True, env=env,
+                                  timeout=args.timeout)
+        except subprocess.TimeoutExpired:
+            print(f"{variant}: stopped after {args.timeout:.0f} s", flush=True)
+            continue
         if done.returncode != 0:
             print(f"{variant}: failed\n{done.stderr[-2000:]}", flush=True)
             continue
         result = json.loads(done.stdout.strip().splitlines()[-1])
+        result["started_order"] = len(results)
         results.append(result)
-        print_result(result)
+        print_result(result, args.peak_tflops)
     return results
 
 
@@ -202,28 +306,50 @@ def has_monai() -> bool:
     return all(importlib.util.find_spec(name) is not None for name in ("monai", "torch"))
 
 
-def print_result(r: dict[str, Any]) -> None:
+def print_result(r: dict[str, Any], peak_tflops: float | None = None) -> None:
+    share = ""
+    if peak_tflops:
+        tflops = r["patches_per_second"] * r["gflop_per_patch"] / 1e3
+        share = f"  {tflops:.1f} TFLOP/s = {100 * tflops / peak_tflops:.1f} % of {peak_tflops:g}"
     print(
-        f"{r['variant']:<12} {r['precision']:<5} {r['device']:<6} patches {r['patches']:>4}  "
+        f"{r['variant']:<12} {r['backend']:<10} {r['precision']:<5} {r['device']:<6} patches {r['patches']:>4}  "
         f"model {r['model_seconds_per_patch']:.3f} s/patch  total {r['total_seconds']:.1f} s  "
         f"overhead x{r['overhead_ratio']:.3f} (in-run model {r['in_run_model_seconds_per_patch']:.3f} s/patch: "
         f"x{r['in_run_overhead_ratio']:.4f})  {r['voxels_per_second'] / 1e6:.3f} Mvoxel/s  "
-        f"{r['patches_per_second']:.2f} patches/s  peak RSS {r['peak_rss_bytes'] / 2**30:.2f} GiB",
+        f"{r['patches_per_second']:.2f} patches/s  peak RSS {r['peak_rss_bytes'] / 2**30:.2f} GiB{share}",
         flush=True,
     )
 
 
-def summarise(results: list[dict[str, Any]]) -> None:
-    by = {r["variant"]: r for r in results}
+def summarise(results: list[dict[str, Any]]) -> dict[str, Any]:
+    """Per variant: the sum of its runs' totals (several rounds: A B B A); ratios between variants."""
+    by: dict[str, dict[str, float]] = {}
+    for r in results:
+        entry = by.setdefault(r["variant"], {"runs": 0, "total": 0.0, "model": 0.0, "rss": 0.0})
+        entry["runs"] += 1
+        entry["total"] += r["total_seconds"]
+        entry["model"] += r["in_run_model_seconds_per_patch"] * r["patches"]
+        entry["rss"] = max(entry["rss"], r["peak_rss_bytes"])
+    summary: dict[str, Any] = {"variants": by}
+    for variant, entry in by.items():
+        if entry["runs"] > 1:
+            print(f"{variant}: {entry['runs']} runs, {entry['total']:.1f} s in all, overhead over in-run model time "
+                  f"x{entry['total'] / entry['model']:.4f}, peak RSS {entry['rss'] / 2**30:.2f} GiB")
     for precision in ("fp32", "bf16"):
         ours, theirs = by.get(f"engine-{precision}"), by.get(f"monai-{precision}")
-        if ours and theirs:
-            print(f"MONAI / engine ({precision}): time x{theirs['total_seconds'] / ours['total_seconds']:.3f}, "
-                  f"peak RSS x{theirs['peak_rss_bytes'] / ours['peak_rss_bytes']:.3f}")
-    if "engine-fp32" in by and "engine-bf16" in by:
-        fp32, bf16 = by["engine-fp32"], by["engine-bf16"]
-        print(f"bf16 speed-up over fp32: total x{fp32['total_seconds'] / bf16['total_seconds']:.2f}, "
-              f"model x{fp32['model_seconds_per_patch'] / bf16['model_seconds_per_patch']:.2f}")
+        if ours and theirs and ours["runs"] == theirs["runs"]:
+            ratio = theirs["total"] / ours["total"]
+            summary[f"monai_over_engine_{precision}"] = ratio
+            print(f"MONAI / engine ({precision}): time x{ratio:.3f}, "
+                  f"peak RSS x{theirs['rss'] / ours['rss']:.3f}")
+    fp32 = [r for r in results if r["variant"] == "engine-fp32"]
+    bf16 = [r for r in results if r["variant"] == "engine-bf16"]
+    if fp32 and bf16:
+        total = sum(r["total_seconds"] for r in fp32) / len(fp32) / (sum(r["total_seconds"] for r in bf16) / len(bf16))
+        model = fp32[0]["model_seconds_per_patch"] / bf16[0]["model_seconds_per_patch"]
+        summary["bf16_speedup"] = total
+        print(f"bf16 speed-up over fp32: total x{total:.2f}, model x{model:.2f}")
+    return summary
 
 
 def demo_dice(args: argparse.Namespace) -> dict[str, Any]:
@@ -305,6 +431,86 @@ def memory_check() -> dict[str, Any]:
     return result
 
 
+def oom_check_child(args: argparse.Namespace) -> dict[str, Any]:
+    """On a GPU with PyTorch: force out-of-memory with the allocator's cap and check the fallback.
+
+    1. No cap: the sliding window with batch 8 gives the reference labels; the memory reserved for
+       batches of 1, 2 and 8 patches is measured.
+    2. Cap between what 2 and 8 patches need: batch 8 fails, the predictor halves its batches (warnings),
+       and the labels equal the reference.
+    3. Cap at what the weights alone hold: not even one patch fits, the run moves to the CPU (float32
+       copy of the model) and the labels agree with the reference (GPU bf16/TF32 vs CPU float32).
+    """
+    import torch
+
+    from UNet3DSegmentLib.devices import FallbackPredictor
+    from UNet3DSegmentLib.inference import sliding_window_predict
+
+    loaded = load_predictor(args, "bf16")
+    if not loaded.device.startswith("gpu") or loaded.backend != "torch":
+        raise SystemExit("--oom-check needs --backend torch and a CUDA GPU")
+    patch = loaded.patch_size
+    shape = shape_of(args.shape)
+    image = np.random.default_rng(0).normal(size=shape + (loaded.in_channels,)).astype(np.float32)
+    index = torch.cuda.current_device()
+    total_memory = torch.cuda.get_device_properties(index).total_memory
+
+    def reserved_for(rows: int) -> int:
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+        loaded.predict(np.repeat(image[None, : patch[0], : patch[1], : patch[2]], rows, axis=0))
+        return int(torch.cuda.max_memory_reserved())
+
+    need = {rows: reserved_for(rows) for rows in (1, 2, 8)}
+
+    def run(cap: int | None) -> tuple[np.ndarray, list[str], float, str]:
+        torch.cuda.empty_cache()
+        torch.cuda.set_per_process_memory_fraction(1.0 if cap is None else cap / total_memory, index)
+        warnings: list[str] = []
+        predictor = FallbackPredictor(loaded.predict, loaded.device, loaded.cpu_predictor, warnings.append)
+        start = time.perf_counter()
+        probabilities = sliding_window_predict(image, predictor, patch, args.overlap, "gaussian", 8)
+        return probabilities, warnings, time.perf_counter() - start, predictor.device
+
+    reference, _, reference_seconds, _ = run(None)
+    halving_cap = (need[2] + need[8]) // 2
+    halved, halving_warnings, halving_seconds, halving_device = run(halving_cap)
+    torch.cuda.empty_cache()
+    weights_only = int(torch.cuda.memory_reserved()) + 2**20
+    moved, cpu_warnings, cpu_seconds, cpu_device = run(weights_only)
+    torch.cuda.set_per_process_memory_fraction(1.0, index)
+    labels = reference.argmax(-1)
+    return {
+        "reserved_bytes_for_batch": need,
+        "reference_seconds": reference_seconds,
+        "halving": {"cap_bytes": halving_cap, "warnings": halving_warnings, "seconds": halving_seconds,
+                    "device_at_end": halving_device,
+                    "label_agreement": float((halved.argmax(-1) == labels).mean()),
+                    "max_probability_difference": float(np.abs(halved - reference).max())},
+        "cpu": {"cap_bytes": weights_only, "warnings": cpu_warnings, "seconds": cpu_seconds,
+                "device_at_end": cpu_device,
+                "label_agreement": float((moved.argmax(-1) == labels).mean()),
+                "max_probability_difference": float(np.abs(moved - reference).max())},
+    }
+
+
+def oom_check(args: argparse.Namespace) -> dict[str, Any]:
+    """Run :func:`oom_check_child` in a child process and print what happened."""
+    command = child_command(args, "oom")
+    done = subprocess.run(command, capture_output=True, text=True, timeout=args.timeout)
+    if done.returncode != 0:
+        raise SystemExit(f"oom check failed\n{done.stderr[-3000:]}")
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    need = ", ".join(f"{rows}: {size / 2**20:.0f} MiB" for rows, size in result["reserved_bytes_for_batch"].items())
+    print(f"GPU memory reserved per batch size (patches: MiB): {need}; reference run {result['reference_seconds']:.1f} s")
+    for step in ("halving", "cpu"):
+        r = result[step]
+        print(f"cap {r['cap_bytes'] / 2**20:.0f} MiB: ended on {r['device_at_end']}, {r['seconds']:.1f} s, "
+              f"warnings: {r['warnings']}", flush=True)
+        print("  " + ", ".join(f"{k} {v}" for k, v in r.items() if k.startswith(("labels", "label_", "max_"))))
+    return result
+
+
 def machine() -> str:
     model = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
                   if line.startswith("model name")), platform.processor())
@@ -313,6 +519,12 @@ def machine() -> str:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.child and args.child.startswith("same-"):
+        print(json.dumps(same_process_child(args)))
+        return 0
+    if args.child == "oom":
+        print(json.dumps(oom_check_child(args)))
+        return 0
     if args.child:
         print(json.dumps(run_child(args)))
         return 0
@@ -320,11 +532,15 @@ def main(argv: list[str] | None = None) -> int:
     report: dict[str, Any] = {"machine": machine(), "command": " ".join(sys.argv)}
     if args.memory_check:
         report["memory_check"] = memory_check()
+    elif args.oom_check:
+        report["oom_check"] = oom_check(args)
+    elif args.same_process:
+        report["same_process"] = same_process(args)
     elif args.demo_dice:
         report["demo_dice"] = demo_dice(args)
     else:
         report["results"] = run_variants(args)
-        summarise(report["results"])
+        report["summary"] = summarise(report["results"])
     if args.json:
         Path(args.json).write_text(json.dumps(report, indent=2))
     return 0

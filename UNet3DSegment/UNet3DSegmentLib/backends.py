@@ -45,14 +45,24 @@ def active_backend() -> Optional[str]:
     return str(keras.backend.backend())
 
 
-def select_backend(name: str, device: str = "auto", gpu_index: Optional[int] = None) -> str:
+def select_backend(
+    name: str, device: str = "auto", gpu_index: Optional[int] = None, gpu_memory_limit: Optional[int] = None
+) -> str:
     """Make Keras use backend ``name``; must run before Keras is first imported.
 
     Sets ``KERAS_BACKEND``. For PyTorch and JAX, whose device is chosen when they are imported, it
-    also applies ``device="cpu"`` (hide the GPUs) and ``gpu_index`` here. Raises BadInputError when the
-    framework is not installed, or when Keras already runs on another backend in this process.
+    also applies ``device="cpu"`` (hide the GPUs) and ``gpu_index`` here. JAX is told not to take 75 %
+    of the GPU's memory up front (Slicer's 3D views need some). ``gpu_memory_limit`` (bytes) is applied
+    later by ``configure_runtime``; JAX has no absolute limit, so it is refused there. Raises
+    BadInputError when the framework is not installed, or when Keras already runs on another backend in
+    this process.
     """
     validate_backend(name)
+    if gpu_memory_limit is not None and name == "jax":
+        raise BadInputError(
+            "a GPU memory limit is not available on the jax backend; set XLA_PYTHON_CLIENT_MEM_FRACTION "
+            "(a fraction of the GPU's memory, e.g. 0.3) instead, or use the tensorflow or torch backend"
+        )
     current = active_backend()
     if current is not None:
         if current != name:
@@ -70,6 +80,7 @@ def select_backend(name: str, device: str = "auto", gpu_index: Optional[int] = N
         elif gpu_index is not None:
             os.environ["KERAS_TORCH_DEVICE"] = f"cuda:{gpu_index}"
     elif name == "jax":
+        os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
         if device == "cpu":
             os.environ["JAX_PLATFORMS"] = "cpu"
         elif gpu_index is not None:
@@ -77,8 +88,16 @@ def select_backend(name: str, device: str = "auto", gpu_index: Optional[int] = N
     return name
 
 
-def configure_torch(device: str = "auto", threads: Optional[int] = None) -> str:
-    """Set PyTorch's CPU threads; return ``"cpu"`` or ``"gpu:N"`` (the device Keras puts tensors on)."""
+def configure_torch(
+    device: str = "auto", threads: Optional[int] = None, gpu_memory_limit: Optional[int] = None
+) -> str:
+    """Set PyTorch's CPU threads and GPU options; return ``"cpu"`` or ``"gpu:N"`` (where Keras puts tensors).
+
+    On a GPU: cuDNN's autotuner is switched on (every call has the same patch shape, so the fastest
+    3-D convolution algorithm is found once), and ``gpu_memory_limit`` (bytes) caps what this process's
+    caching allocator may take; beyond it PyTorch raises out-of-memory, which the sliding window's
+    fallback handles (smaller batches, then the CPU).
+    """
     import torch
 
     from .model_io import cpu_cores
@@ -89,7 +108,12 @@ def configure_torch(device: str = "auto", threads: Optional[int] = None) -> str:
     # Keras' torch backend puts tensors on KERAS_TORCH_DEVICE if set, else on CUDA when available.
     where = os.environ.get("KERAS_TORCH_DEVICE") or ("cuda" if torch.cuda.is_available() else "cpu")
     if where.startswith("cuda"):
-        return f"gpu:{where.split(':')[1] if ':' in where else 0}"
+        index = int(where.split(":")[1]) if ":" in where else 0
+        torch.backends.cudnn.benchmark = True
+        if gpu_memory_limit is not None:
+            total = torch.cuda.get_device_properties(index).total_memory
+            torch.cuda.set_per_process_memory_fraction(min(1.0, gpu_memory_limit / total), index)
+        return f"gpu:{index}"
     if device == "gpu":
         raise BadInputError("device gpu was requested but PyTorch sees no CUDA GPU; use device cpu or auto")
     return "cpu"

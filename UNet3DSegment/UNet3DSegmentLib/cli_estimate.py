@@ -113,7 +113,7 @@ def build_estimate(args: argparse.Namespace, device: str) -> dict[str, Any]:
     if device.startswith("gpu"):
         devices.append((device, resolve_precision(args.precision, device)))
     for name, precision in devices:
-        per_patch = expected_seconds_per_patch(flops, name, precision, cores, avx512, activations)
+        per_patch = expected_seconds_per_patch(flops, name, precision, cores, avx512, activations, loaded.backend)
         rows_out.append({"device": name, "precision": precision, "seconds_per_patch": per_patch,
                          "seconds": per_patch * patches, "source": "documented throughput"})
     if args.measure:

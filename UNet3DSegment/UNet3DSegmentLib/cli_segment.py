@@ -39,7 +39,7 @@ def _size(text: str) -> int:
 
 
 def add_runtime_arguments(parser: argparse.ArgumentParser) -> None:
-    """``--precision``, ``--backend``, ``--max-memory`` and ``--accumulation`` (shared with ``estimate``)."""
+    """``--precision``, ``--backend``, ``--max-memory``, ``--accumulation``, ``--gpu-memory-limit`` (also ``estimate``)."""
     parser.add_argument("--precision", choices=["auto", "fp32", "bf16", "fp16"], default="auto",
                         help="arithmetic of the network (default auto: bf16 on GPUs and on CPUs with "
                         "AVX512-BF16/AMX, else fp32); the softmax output stays float32")
@@ -52,6 +52,10 @@ def add_runtime_arguments(parser: argparse.ArgumentParser) -> None:
                         "above it the labelmap is resampled instead. Blending always works in z slabs")
     parser.add_argument("--accumulation", choices=["float32", "float16"], default="float32",
                         help="dtype of the blended class sums (float16 halves that buffer)")
+    parser.add_argument("--gpu-memory-limit", type=_size, default=None, metavar="SIZE",
+                        help="most GPU memory this run may take, such as 6G (tensorflow and torch backends; "
+                        "default: what it needs). Beyond it the run retries with smaller batches, then on "
+                        "the CPU")
 
 
 def select_runtime(args: argparse.Namespace) -> str:
@@ -59,12 +63,13 @@ def select_runtime(args: argparse.Namespace) -> str:
     from .backends import backend_installed, select_backend
     from .model_io import configure_runtime
 
-    select_backend(args.backend, args.device, args.gpu)
+    limit = getattr(args, "gpu_memory_limit", None)
+    select_backend(args.backend, args.device, args.gpu, limit)
     if backend_installed("tensorflow"):  # Keras loads TensorFlow on every backend when it is there
         from .tf_runtime import import_tensorflow_quietly
 
         import_tensorflow_quietly()
-    return configure_runtime(args.device, threads=args.threads, gpu_index=args.gpu)
+    return configure_runtime(args.device, threads=args.threads, gpu_index=args.gpu, gpu_memory_limit=limit)
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:

@@ -21,8 +21,11 @@ from .errors import BadInputError
 
 PathLike = Union[str, Path]
 ENGINE_MODULES = ("tensorflow", "SimpleITK", "numpy")
+# With another Keras backend the engine needs Keras itself and that framework instead of TensorFlow.
+BACKEND_MODULES = {"tensorflow": ("tensorflow",), "torch": ("keras", "torch"), "jax": ("keras", "jax")}
 # pip name of each module the engine needs (what to install when it is missing).
-PIP_NAMES = {"tensorflow": "tensorflow", "SimpleITK": "SimpleITK", "numpy": "numpy"}
+PIP_NAMES = {"tensorflow": "tensorflow", "SimpleITK": "SimpleITK", "numpy": "numpy", "keras": "keras>=3",
+             "torch": "torch", "jax": "jax"}
 # Packages Slicer ships itself: installing must never replace them.
 SLICER_OWN_PACKAGES = ("numpy", "SimpleITK", "vtk")
 CHECK_TIMEOUT_SECONDS = 60.0
@@ -32,6 +35,13 @@ _PROBE = (
     "names = json.loads(sys.argv[1])\n"
     "print(json.dumps([n for n in names if importlib.util.find_spec(n) is None]))\n"
 )
+
+
+def engine_modules(backend: str = "tensorflow") -> tuple[str, ...]:
+    """The modules the engine imports when the model runs on Keras backend ``backend``."""
+    if backend not in BACKEND_MODULES:
+        raise BadInputError(f"backend must be one of {', '.join(BACKEND_MODULES)}, got {backend!r}")
+    return BACKEND_MODULES[backend] + ("SimpleITK", "numpy")
 
 
 def missing_modules(

@@ -66,6 +66,11 @@ class EngineOptions:
     device: str = "auto"
     precision: str = "auto"
     largest_component: bool = False
+    backend: str = "tensorflow"
+    gpu_index: Optional[int] = None
+    gpu_memory_limit: Optional[str] = None  # a size such as "6G"
+    max_memory: Optional[str] = None  # a size such as "4G"
+    accumulation: str = "float32"
     extra_arguments: Sequence[str] = field(default_factory=tuple)
 
     def arguments(self) -> list[str]:
@@ -89,6 +94,20 @@ class EngineOptions:
             args += ["--precision", _choice("precision", self.precision, ("auto", "fp32", "bf16", "fp16"))]
         if self.largest_component:
             args.append("--largest-component")
+        if self.backend != "tensorflow":
+            args += ["--backend", _choice("backend", self.backend, ("tensorflow", "torch", "jax"))]
+        if self.gpu_index is not None:
+            if not str(self.gpu_index).isdigit():
+                raise BadInputError(f"GPU index must be an integer >= 0, got {self.gpu_index!r}")
+            args += ["--gpu", str(int(self.gpu_index))]
+        for flag, size in (("--gpu-memory-limit", self.gpu_memory_limit), ("--max-memory", self.max_memory)):
+            if size is not None:
+                from .memory import parse_size
+
+                parse_size(str(size))  # a bad size is the caller's one-line error, not the child's
+                args += [flag, str(size).strip()]
+        if self.accumulation != "float32":
+            args += ["--accumulation", _choice("accumulation", self.accumulation, ("float32", "float16"))]
         return args + [str(a) for a in self.extra_arguments]
 
 

@@ -6,20 +6,24 @@ probabilities). Numpy only; no TensorFlow here.
 
 Axis order: the image is channels-last ``(z, y, x, c)``; ``patch_size`` is ``(z, y, x)``.
 
-The work is split into small pure parts so that a later producer thread (prefetching batches) or
-slab-wise processing can reuse them: :func:`tile_starts` / :func:`grid_starts` (where tiles go),
-:func:`importance_map` (cached blending weights), :func:`assemble_batch` (patches into a
+The work is split into small pure parts: :func:`tile_starts` / :func:`grid_starts` (where tiles
+go), :func:`importance_map` (cached blending weights), :func:`assemble_batch` (patches into a
 preallocated buffer), :func:`predict_batch` (predictor call, shape check, test-time flips) and
 :func:`accumulate` (weighted sums into the output). :func:`sliding_window_predict` ties them
-together.
+together as a three-stage pipeline: a producer thread assembles the next batch
+(:func:`iter_assembled_batches`), a model thread runs the predictor (:func:`iter_predictions`), and
+the caller's thread blends the previous batch meanwhile. On a GPU, where a batch of the seed network
+takes milliseconds, this keeps the numpy work off the model's critical path.
 """
 
 from __future__ import annotations
 
 import itertools
 import math
+import os
 import queue
 import threading
+from concurrent.futures import ThreadPoolExecutor
 from functools import lru_cache
 from typing import Callable, Iterator, Optional, Sequence, Tuple
 
@@ -394,12 +398,28 @@ class SlabAccumulator:
     Rows are addressed by their absolute z; row ``z`` lives at ``z % depth``, so finished rows are
     taken out (divided by their weight sum) and cleared without moving the others. Outputs sum in
     ``dtype`` (float32, or float16 to halve the largest buffer); weights always sum in float32.
+
+    ``pool`` (a thread pool with ``bands`` workers) splits each batch's additions into bands along y,
+    so that several cores blend at once; each voxel still gets its tiles' terms in the same order, so
+    the sums are bit-for-bit those of one thread. On a GPU the blending otherwise limits the speed.
     """
 
-    def __init__(self, depth: int, shape_yx: tuple[int, int], classes: int, dtype: np.dtype) -> None:
+    def __init__(
+        self,
+        depth: int,
+        shape_yx: tuple[int, int],
+        classes: int,
+        dtype: np.dtype,
+        pool: Optional[ThreadPoolExecutor] = None,
+        bands: int = 1,
+    ) -> None:
         self.depth = depth
         self.sums = np.zeros((depth,) + tuple(shape_yx) + (classes,), dtype=dtype)
         self.weights = np.zeros((depth,) + tuple(shape_yx), dtype=np.float32)
+        self._pool = pool if bands > 1 else None
+        self._bands = _band_edges(shape_yx[0], bands if self._pool is not None else 1)
+        self._class_weights: Optional[np.ndarray] = None
+        self._class_weights_of: Optional[np.ndarray] = None  # the weights it was made from
 
     @property
     def nbytes(self) -> int:
@@ -407,12 +427,35 @@ class SlabAccumulator:
 
     def add(self, prediction: np.ndarray, starts: Sequence[Start], weights: np.ndarray) -> None:
         """Add each tile's ``prediction * weights`` (``prediction`` is weighted in place)."""
-        np.multiply(prediction, weights[np.newaxis, ..., np.newaxis], out=prediction)
+        np.multiply(prediction, self._weights_per_class(weights, prediction.shape[4])[np.newaxis], out=prediction)
+        if self._pool is None:
+            self._add_band(prediction, starts, weights, 0, self.sums.shape[1])
+            return
+        jobs = [self._pool.submit(self._add_band, prediction, starts, weights, low, high)
+                for low, high in self._bands]
+        for job in jobs:
+            job.result()
+
+    def _weights_per_class(self, weights: np.ndarray, classes: int) -> np.ndarray:
+        """``weights`` repeated along a last axis of ``classes`` (contiguous: a flat, fast multiply)."""
+        if self._class_weights is None or self._class_weights_of is not weights:
+            shape = weights.shape + (classes,)
+            self._class_weights = np.ascontiguousarray(np.broadcast_to(weights[..., np.newaxis], shape))
+            self._class_weights_of = weights
+        return self._class_weights
+
+    def _add_band(self, prediction: np.ndarray, starts: Sequence[Start], weights: np.ndarray, low: int,
+                  high: int) -> None:
+        """The additions of every tile in ``starts`` that fall in rows ``low:high`` along y."""
         pz, py, px = weights.shape
         for i, (z, y, x) in enumerate(starts):
+            top, bottom = max(y, low), min(y + py, high)
+            if top >= bottom:
+                continue
+            inside = slice(top - y, bottom - y)
             for ring, local in _ring_pieces(z, z + pz, self.depth):
-                self.sums[ring, y:y + py, x:x + px] += prediction[i, local]
-                self.weights[ring, y:y + py, x:x + px] += weights[local]
+                self.sums[ring, top:bottom, x:x + px] += prediction[i, local, inside]
+                self.weights[ring, top:bottom, x:x + px] += weights[local, inside]
 
     def take(self, first: int, stop: int, passes: int = 1) -> np.ndarray:
         """Rows ``first:stop`` as float32 weighted averages (sums / (weights * passes)); then cleared."""
@@ -423,6 +466,20 @@ class SlabAccumulator:
             self.sums[ring] = 0
             self.weights[ring] = 0
         return out
+
+
+def _band_edges(size: int, bands: int) -> list[tuple[int, int]]:
+    """``bands`` near-equal ``(low, high)`` ranges covering ``0:size`` (fewer if ``size`` is small)."""
+    bands = max(1, min(bands, size))
+    edges = [round(size * k / bands) for k in range(bands + 1)]
+    return [(low, high) for low, high in zip(edges, edges[1:]) if high > low]
+
+
+def blend_threads(cores: Optional[int] = None) -> int:
+    """Threads for blending: one per 4 cores, at most 4 (one on small machines, whose cores run the model)."""
+    if cores is None:
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, min(4, cores // 4))
 
 
 Release = Callable[[], None]
@@ -467,7 +524,19 @@ def iter_assembled_batches(
         except BaseException as error:  # noqa: BLE001 - handed to the consumer, raised there
             ready.put(error)
 
-    thread = threading.Thread(target=produce, name="unet3d-prefetch", daemon=True)
+    yield from _stage_results(produce, "unet3d-prefetch", ready, free, stop)
+
+
+def _stage_results(
+    target: Callable[[], None], name: str, ready: queue.Queue, free: queue.Queue, stop: threading.Event
+) -> Iterator[tuple[Sequence[Start], np.ndarray, Release]]:
+    """Run ``target`` on a daemon thread and yield what it puts in ``ready``, in order.
+
+    ``target`` puts ``(starts, array, buffer)`` items, then ``_DONE``, or the exception it met (raised
+    here). Each item is yielded as ``(starts, array, release)``; ``release()`` gives ``buffer`` back
+    to ``free``. Closing this generator sets ``stop`` and waits briefly for the thread.
+    """
+    thread = threading.Thread(target=target, name=name, daemon=True)
     thread.start()
     try:
         while True:
@@ -476,14 +545,74 @@ def iter_assembled_batches(
                 return
             if isinstance(item, BaseException):
                 raise item
-            starts, batch, buffer = item
-            yield starts, batch, (lambda b=buffer: free.put(b))
+            starts, array, buffer = item
+            yield starts, array, (lambda b=buffer: free.put(b))
     finally:
         stop.set()
         thread.join(timeout=5.0)
 
 
 def _no_release() -> None:
+    return None
+
+
+def iter_predictions(
+    source: Iterator[tuple[Sequence[Start], np.ndarray, Release]],
+    predict: Predictor,
+    flips: Sequence[tuple[int, ...]],
+    rows: int,
+    patch: tuple[int, int, int],
+    channels: int,
+    before_call: Callable[[], None],
+    threaded: bool = True,
+) -> Iterator[tuple[Sequence[Start], np.ndarray, Release]]:
+    """Yield ``(starts, prediction, release)`` for each batch of ``source``, in order.
+
+    ``prediction`` is the float32 sum over ``flips`` (see :func:`predict_batch`), which the caller may
+    overwrite until it calls ``release()``. With ``threaded`` a model thread predicts the next batch
+    into a second buffer while the caller blends this one; errors there (a cancel raised by
+    ``before_call`` too) are raised here. This generator owns ``source`` and closes it.
+    """
+    if not threaded:
+        buffers = BatchBuffers(rows, patch, channels)
+        try:
+            for starts, batch, release in source:
+                prediction = predict_batch(predict, batch, flips, buffers, before_call, _ignore_count)
+                release()
+                yield starts, prediction, _no_release
+        finally:
+            source.close()
+        return
+
+    free: queue.Queue = queue.Queue()
+    for _ in range(2):
+        free.put(BatchBuffers(rows, patch, channels))
+    ready: queue.Queue = queue.Queue()
+    stop = threading.Event()
+
+    def work() -> None:
+        classes: Optional[int] = None  # from the first prediction; every later one must match it
+        try:
+            for starts, batch, release in source:
+                buffers = _take_free(free, stop)
+                if buffers is None:
+                    return
+                if classes is not None and buffers.classes is None:
+                    buffers.predictions(rows, classes)  # so the second buffer checks the class count too
+                prediction = predict_batch(predict, batch, flips, buffers, before_call, _ignore_count)
+                classes = prediction.shape[4]
+                release()
+                ready.put((starts, prediction, buffers))
+            ready.put(_DONE)
+        except BaseException as error:  # noqa: BLE001 - handed to the consumer, raised there
+            ready.put(error)
+        finally:
+            source.close()
+
+    yield from _stage_results(work, "unet3d-model", ready, free, stop)
+
+
+def _ignore_count(n: int) -> None:
     return None
 
 
@@ -521,7 +650,9 @@ def iter_probability_slabs(
     :func:`sliding_window_predict`'s exactly (same sums in the same order). Only a ring of
     :func:`ring_depth` rows (about one patch plus one step) is accumulated, so memory does not grow
     with the volume's depth. ``accumulation="float16"`` halves that ring (sums rounded to ~3 digits).
-    ``prefetch`` assembles the next batch on a producer thread while the model runs. With float16
+    ``prefetch`` assembles the next batch on a producer thread and runs the model on a thread of its
+    own, so that assembling and blending overlap the model's work (off: everything in turn on the
+    caller's thread; the values are the same either way). With float16
     sums the blending weights are raised to at least ``FLOAT16_MIN_WEIGHT`` (no underflow).
     """
     image = _validate_image(image, expected_channels)
@@ -570,7 +701,6 @@ def _slabs(
     rows = min(batch_size, len(starts))
     batches = list(iter_batches(starts, rows))
     depth = ring_depth(starts, rows, patch[0], shape[0])
-    buffers = BatchBuffers(rows, patch, padded.shape[3])
     ring: Optional[SlabAccumulator] = None
     finished = 0  # rows before this one are final and were yielded
 
@@ -586,17 +716,25 @@ def _slabs(
             yield kept.start - (crop[0].start or 0), np.ascontiguousarray(part)
 
     source = iter_assembled_batches(padded, batches, patch, rows, prefetch)
+    predictions = iter_predictions(source, predict, flips, rows, patch, padded.shape[3], check_cancel,
+                                   threaded=prefetch)
+    bands = blend_threads() if prefetch else 1
+    pool = ThreadPoolExecutor(max_workers=bands, thread_name_prefix="unet3d-blend") if bands > 1 else None
     try:
-        for batch_starts, batch, release in source:
+        for batch_starts, prediction, release in predictions:
             yield from finish(batch_starts[0][0])
-            prediction = predict_batch(predict, batch, flips, buffers, check_cancel, report)
-            release()
             if ring is None:
-                ring = SlabAccumulator(depth, shape[1:], prediction.shape[4], dtype)
+                ring = SlabAccumulator(depth, shape[1:], prediction.shape[4], dtype, pool, bands)
             ring.add(prediction, batch_starts, weights)
+            release()
+            for _ in flips:  # one progress step per predictor call, as the calls were made
+                report(len(batch_starts))
+            check_cancel()  # here too: the model thread may already be one batch ahead
         yield from finish(shape[0])
     finally:
-        source.close()
+        predictions.close()
+        if pool is not None:
+            pool.shutdown(wait=True)
 
 
 def sliding_window_predict(
@@ -631,7 +769,8 @@ def sliding_window_predict(
             prediction is averaged over all ``2 ** len(mirror_axes)`` flip combinations.
         expected_channels: if given, the image's channel count must equal it.
         accumulation: ``"float32"`` or ``"float16"`` sums (see :func:`iter_probability_slabs`).
-        prefetch: assemble the next batch on a producer thread while the model runs.
+        prefetch: assemble batches on a producer thread and run the model on its own thread, so that
+            assembling and blending overlap the model's work (same values either way).
 
     Returns:
         The weighted average of the tiles' outputs at every voxel, float32 ``(z, y, x, k)``.

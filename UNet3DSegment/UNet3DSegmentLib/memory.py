@@ -28,11 +28,18 @@ ACTIVATION_FACTOR = 3.0  # peak live activations per patch, in units of the larg
 
 # Sustained throughput of the seed network's 3D convolutions, GFLOP/s. CPU figures are per core,
 # measured on this project's AMD EPYC Zen 4 cores (AVX-512, AVX512-BF16, ~3.6 GHz): 223 fp32 and
-# 423 bf16 GFLOP/s on 2 cores. GPU figures are assumptions for a recent NVIDIA data-centre GPU
-# (cuDNN reaches a fraction of the peak on 3D convolutions); measure with ``estimate --measure``.
+# 423 bf16 GFLOP/s on 2 cores. GPU figures are whole sliding windows (240x240x155, overlap 0.5,
+# batch 2) measured on an NVIDIA H200 per Keras backend (BENCHMARKS.md): JAX compiles the network
+# with XLA; Keras on PyTorch runs it layer by layer. TensorFlow GPU was not measured (no TensorFlow
+# on the GPU machine): PyTorch's figures stand in as the cautious guess. ``estimate --measure`` times
+# the real device.
 CPU_GFLOPS_PER_CORE = {"fp32": 111.0, "bf16": 211.0, "fp16": 20.0}
 CPU_GFLOPS_PER_CORE_NO_AVX512 = {"fp32": 55.0, "bf16": 10.0, "fp16": 10.0}
-GPU_GFLOPS = {"fp32": 25_000.0, "bf16": 80_000.0, "fp16": 80_000.0}
+GPU_GFLOPS_BY_BACKEND = {
+    "jax": {"fp32": 79_000.0, "bf16": 96_000.0, "fp16": 96_000.0},
+    "torch": {"fp32": 31_000.0, "bf16": 30_000.0, "fp16": 30_000.0},
+    "tensorflow": {"fp32": 31_000.0, "bf16": 30_000.0, "fp16": 30_000.0},
+}
 # Narrow layers are bound by memory traffic and per-op overhead, not arithmetic: CPU seconds per
 # element of every layer output (per core), calibrated on a 1-filter 64^3 model on this machine.
 CPU_SECONDS_PER_ACTIVATION = 6e-9  # 40 ms per 64^3 patch of a 1-filter seed net (bf16, 2 cores)
@@ -181,15 +188,22 @@ def activation_elements(model: Any) -> int:
 
 
 def expected_seconds_per_patch(
-    flops: int, device: str, precision: str, cores: int, avx512: bool = True, activations: int = 0
+    flops: int,
+    device: str,
+    precision: str,
+    cores: int,
+    avx512: bool = True,
+    activations: int = 0,
+    backend: str = "tensorflow",
 ) -> float:
-    """Seconds per patch from the documented throughputs (``CPU_GFLOPS_PER_CORE``, ``GPU_GFLOPS``).
+    """Seconds per patch from the documented throughputs (``CPU_GFLOPS_PER_CORE``, ``GPU_GFLOPS_BY_BACKEND``).
 
     On the CPU the time is the larger of the arithmetic and the traffic (``CPU_SECONDS_PER_ACTIVATION``
     per output element): traffic bounds narrow models, arithmetic wide ones such as the seed network.
     """
     if device.startswith("gpu"):
-        return flops / (GPU_GFLOPS[precision] * 1e9)
+        rates = GPU_GFLOPS_BY_BACKEND.get(backend, GPU_GFLOPS_BY_BACKEND["tensorflow"])
+        return flops / (rates[precision] * 1e9)
     cores = max(1, cores)
     rate = (CPU_GFLOPS_PER_CORE if avx512 else CPU_GFLOPS_PER_CORE_NO_AVX512)[precision] * cores
     return max(flops / (rate * 1e9), activations * CPU_SECONDS_PER_ACTIVATION / cores)

@@ -43,14 +43,18 @@ def cpu_cores() -> int:
 
 
 def configure_tensorflow(
-    device: str = "auto", threads: Optional[int] = None, gpu_index: Optional[int] = None
+    device: str = "auto",
+    threads: Optional[int] = None,
+    gpu_index: Optional[int] = None,
+    gpu_memory_limit: Optional[int] = None,
 ) -> str:
     """Set TensorFlow's threads and visible GPU before any op runs; return the device used.
 
     Intra-op threads = ``threads`` (default: all cores) and inter-op threads = 1: TensorFlow's default
     thread pools gave random 2x slowdowns on 2 cores. ``device``: ``"cpu"`` hides every GPU, ``"gpu"``
     needs one (``BadInputError`` otherwise), ``"auto"`` takes a GPU when one is visible. ``gpu_index``
-    picks among several GPUs. Returns ``"cpu"`` or ``"gpu:N"``. Calling again with the same request is
+    picks among several GPUs; ``gpu_memory_limit`` (bytes) caps the memory TensorFlow takes on it
+    (otherwise it grows as needed). Returns ``"cpu"`` or ``"gpu:N"``. Calling again with the same request is
     free; once TensorFlow has started, a different request cannot be applied: it is logged and the
     device in effect is returned.
     """
@@ -60,7 +64,9 @@ def configure_tensorflow(
         raise BadInputError(f"threads must be a positive integer, got {threads!r}")
     if gpu_index is not None and not (_is_int(gpu_index) and gpu_index >= 0):
         raise BadInputError(f"GPU index must be an integer >= 0, got {gpu_index!r}")
-    request = (device, threads or cpu_cores(), gpu_index)
+    if gpu_memory_limit is not None and not (_is_int(gpu_memory_limit) and gpu_memory_limit >= 2**20):
+        raise BadInputError(f"GPU memory limit must be at least 1 MiB, got {gpu_memory_limit!r} bytes")
+    request = (device, threads or cpu_cores(), gpu_index, gpu_memory_limit)
     if _configured.get("request") == request:
         return _configured["device"]
 
@@ -86,7 +92,10 @@ def configure_tensorflow(
         tf.config.threading.set_intra_op_parallelism_threads(request[1])
         tf.config.threading.set_inter_op_parallelism_threads(1)
         tf.config.set_visible_devices([] if chosen is None else [gpus[chosen]], "GPU")
-        if chosen is not None:
+        if chosen is not None and gpu_memory_limit is not None:
+            limit = tf.config.LogicalDeviceConfiguration(memory_limit=gpu_memory_limit // 2**20)  # MiB
+            tf.config.set_logical_device_configuration(gpus[chosen], [limit])
+        elif chosen is not None:
             tf.config.experimental.set_memory_growth(gpus[chosen], True)
     except RuntimeError as error:  # TensorFlow already started: settings are fixed for this process
         in_effect = _device_in_effect(tf, gpus)
@@ -179,7 +188,7 @@ class LoadedModel:
             if backend == "torch":
                 self._function = _torch_forward(self.keras_model)
             elif backend == "jax":
-                self._function = self._jax_forward()
+                self._function = self._jax_forward(self.keras_model)
             else:
                 self._function = _tensorflow_function(self.keras_model, self.patch_size, self.in_channels)
         if self.backend == "tensorflow":
@@ -187,13 +196,15 @@ class LoadedModel:
             return lambda array: function(array).numpy()
         return self._function
 
-    def _jax_forward(self) -> Any:
+    def _jax_forward(self, model: Any, device: Any = None) -> Any:
+        """``jax.jit`` of ``model``'s stateless call; on ``device`` (a jax.Device) when given."""
         import jax
         import numpy as numpy_
 
-        model = self.keras_model
         trainable = [v.value for v in model.trainable_variables]
         non_trainable = [v.value for v in model.non_trainable_variables]
+        if device is not None:  # committed arrays make the jitted call run on their device
+            trainable, non_trainable = jax.device_put((trainable, non_trainable), device)
         jitted = jax.jit(lambda t, n, x: model.stateless_call(t, n, x, training=False)[0])
 
         def forward(array: np.ndarray) -> np.ndarray:
@@ -201,23 +212,56 @@ class LoadedModel:
             self._rows = max(self._rows, n)
             if n < self._rows:
                 array = numpy_.concatenate([array, numpy_.zeros((self._rows - n,) + array.shape[1:], array.dtype)])
-            return numpy_.asarray(jitted(trainable, non_trainable, array), dtype=numpy_.float32)[:n]
+            inputs = array if device is None else jax.device_put(array, device)
+            return numpy_.asarray(jitted(trainable, non_trainable, inputs), dtype=numpy_.float32)[:n]
 
         return forward
 
     def cpu_predictor(self) -> Optional["LoadedModel"]:
-        """The same model running on the CPU (for the GPU out-of-memory fallback), or None.
+        """The same model running on the CPU (for the GPU out-of-memory fallback), or None on the CPU.
 
-        Only TensorFlow can move a loaded model's computation: the copy shares the weights and runs
-        its ``tf.function`` under ``tf.device("/CPU:0")``. Returns None on the CPU already or on
-        another backend.
+        TensorFlow: the copy shares the weights and runs its ``tf.function`` under
+        ``tf.device("/CPU:0")``. PyTorch and JAX: the network is rebuilt on the CPU in float32 (bf16
+        or fp16 on a CPU without bfloat16 kernels would be slower than float32) with the weights copied,
+        so the GPU's memory is left alone.
         """
-        if self.device == "cpu" or self.backend != "tensorflow":
+        if self.device == "cpu":
             return None
+        backend = self.backend
         twin = LoadedModel(self.keras_model, self.card, self.path, self.card_path, self.uses_default_card,
                            self.precision, "cpu")
-        twin._function = _tensorflow_function(self.keras_model, self.patch_size, self.in_channels, "/CPU:0")
+        if backend == "tensorflow":
+            twin._function = _tensorflow_function(self.keras_model, self.patch_size, self.in_channels, "/CPU:0")
+            return twin
+        import keras
+
+        with keras.device("cpu"):
+            twin.keras_model = _float32_copy(self.keras_model)
+        twin.precision = "fp32"
+        if backend == "torch":
+            forward = _torch_forward(twin.keras_model)
+
+            def on_cpu(array: np.ndarray) -> np.ndarray:
+                with keras.device("cpu"):
+                    return forward(array)
+
+            twin._function = on_cpu
+        else:
+            import jax
+
+            twin._function = twin._jax_forward(twin.keras_model, jax.devices("cpu")[0])
         return twin
+
+
+def _float32_copy(model: Any) -> Any:
+    """A new float32 copy of ``model`` with the same weights (variables made in the device scope in effect)."""
+    from .precision import apply_precision
+
+    copy = apply_precision(model, "fp32")
+    if copy is model:
+        copy = model.__class__.from_config(model.get_config())
+        copy.set_weights(model.get_weights())
+    return copy
 
 
 def _tensorflow_function(model: Any, patch_size: Sequence[int], channels: int, device: Optional[str] = None) -> Any:
@@ -237,13 +281,22 @@ def _tensorflow_function(model: Any, patch_size: Sequence[int], channels: int, d
 
 
 def _torch_forward(model: Any) -> Any:
-    """The model called without autograd; returns float32 numpy."""
+    """The model called without autograd; returns float32 numpy.
+
+    After a CUDA out-of-memory error the allocator's cached blocks are released, so that the retry
+    with a smaller batch (``devices.FallbackPredictor``) finds the memory free.
+    """
     import torch
 
     def forward(array: np.ndarray) -> np.ndarray:
-        with torch.no_grad():
-            result = model(torch.from_numpy(array), training=False)
-        return result.detach().to(dtype=torch.float32, device="cpu").numpy()
+        try:
+            with torch.no_grad():
+                result = model(torch.from_numpy(array), training=False)
+                return result.detach().to(dtype=torch.float32, device="cpu").numpy()
+        except Exception as error:  # noqa: BLE001 - torch.OutOfMemoryError, or RuntimeError on old versions
+            if _is_out_of_memory(error) and torch.cuda.is_available():
+                torch.cuda.empty_cache()
+            raise
 
     return forward
 
@@ -257,6 +310,7 @@ def _is_out_of_memory(error: BaseException) -> bool:
         or isinstance(error, MemoryError)
         or "RESOURCE_EXHAUSTED" in text
         or "CUDA out of memory" in text
+        or "DefaultCPUAllocator: can't allocate memory" in text
     )
 
 
@@ -302,25 +356,35 @@ def load_model(
 
 
 def configure_runtime(
-    device: str = "auto", threads: Optional[int] = None, gpu_index: Optional[int] = None
+    device: str = "auto",
+    threads: Optional[int] = None,
+    gpu_index: Optional[int] = None,
+    gpu_memory_limit: Optional[int] = None,
 ) -> str:
     """Configure the framework of the Keras backend chosen by ``KERAS_BACKEND``; return its device.
 
-    TensorFlow: :func:`configure_tensorflow`. PyTorch: CPU threads (the GPU was chosen by
-    ``backends.select_backend``). JAX: the device it found. Returns ``"cpu"`` or ``"gpu:N"``.
+    TensorFlow: :func:`configure_tensorflow`. PyTorch: CPU threads, cuDNN autotuning and the memory
+    cap (the GPU was chosen by ``backends.select_backend``). JAX: the device it found.
+    ``gpu_memory_limit``: bytes this process may take on the GPU (TensorFlow and PyTorch). Returns ``"cpu"`` or ``"gpu:N"``.
     """
     backend = os.environ.get("KERAS_BACKEND", "tensorflow")
+    if gpu_memory_limit is not None and not (_is_int(gpu_memory_limit) and gpu_memory_limit >= 2**20):
+        raise BadInputError(f"GPU memory limit must be at least 1 MiB, got {gpu_memory_limit!r} bytes")
     if backend == "torch":
         from .backends import configure_torch
 
-        _configured["backend_device"] = configure_torch(device, threads)
+        _configured["backend_device"] = configure_torch(device, threads, gpu_memory_limit)
         return _configured["backend_device"]
     if backend == "jax":
         from .backends import configure_jax
 
+        if gpu_memory_limit is not None:
+            raise BadInputError("a GPU memory limit is not available on the jax backend; set "
+                                "XLA_PYTHON_CLIENT_MEM_FRACTION instead, or use the tensorflow or torch backend")
+
         _configured["backend_device"] = configure_jax(device)
         return _configured["backend_device"]
-    return configure_tensorflow(device, threads, gpu_index)
+    return configure_tensorflow(device, threads, gpu_index, gpu_memory_limit)
 
 
 def _ensure_configured() -> str:

@@ -237,6 +237,11 @@ class UNet3DSegmentLogic:
         device: str = "auto",
         precision: str = "auto",
         largestComponent: bool = False,
+        backend: str = "tensorflow",
+        gpuIndex: Optional[int] = None,
+        gpuMemoryLimit: Optional[str] = None,
+        maxMemory: Optional[str] = None,
+        accumulation: str = "float32",
         pythonExecutable: Optional[PathLike] = None,
         replaceExisting: bool = False,
         showResult: bool = True,
@@ -249,7 +254,10 @@ class UNet3DSegmentLogic:
         Returns the segmentation node when ``waitForCompletion`` (raising the engine's error kind on
         failure), else a running ``SegmentationJob`` to poll. ``outputSegmentation=None`` creates a
         new node; an existing node is only replaced with ``replaceExisting=True``. ``progress`` gets
-        every engine event (a dict, see docs/ARCHITECTURE.md).
+        every engine event (a dict, see docs/ARCHITECTURE.md). ``backend`` (tensorflow, torch, jax),
+        ``gpuIndex``, ``gpuMemoryLimit`` and ``maxMemory`` (sizes such as ``"6G"``) and ``accumulation``
+        are the engine's ``--backend``, ``--gpu``, ``--gpu-memory-limit``, ``--max-memory`` and
+        ``--accumulation``.
         """
         volumes = self._checkInputs(inputVolumes)
         modelPath = self.modelPath(model)
@@ -263,7 +271,9 @@ class UNet3DSegmentLogic:
         self._checkOutput(outputSegmentation, replaceExisting)
         options = EngineOptions(
             overlap=overlap, batch_size=batchSize, blend=blend, tta=bool(tta), device=device,
-            precision=precision, largest_component=bool(largestComponent), extra_arguments=tuple(extraArguments),
+            precision=precision, largest_component=bool(largestComponent), backend=backend, gpu_index=gpuIndex,
+            gpu_memory_limit=gpuMemoryLimit, max_memory=maxMemory, accumulation=accumulation,
+            extra_arguments=tuple(extraArguments),
         )
         chosen = "" if pythonExecutable is None else str(pythonExecutable).strip()
         python = Path(chosen) if chosen not in ("", ".") else self.defaultPythonExecutable()

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import sys
+import threading
 import time
 from typing import Any, Callable, Optional, TextIO
 
@@ -19,11 +20,16 @@ STAGES = ("load", "preprocess", "inference", "postprocess", "write", "done", "wa
 
 
 class ProgressEmitter:
-    """Builds events with a common clock and forwards them to an optional callback."""
+    """Builds events with a common clock and forwards them to an optional callback.
+
+    Events may come from the sliding window's model thread (out-of-memory warnings) as well as the
+    main thread; a lock keeps the callback's lines whole and in order.
+    """
 
     def __init__(self, callback: Optional[ProgressCallback] = None) -> None:
         self._callback = callback
         self._start = time.perf_counter()
+        self._lock = threading.Lock()
 
     @property
     def seconds(self) -> float:
@@ -42,7 +48,8 @@ class ProgressEmitter:
             "message": message,
         }
         event.update(extra)
-        self._callback(event)
+        with self._lock:
+            self._callback(event)
 
     def patches(self, done: int, total: int) -> None:
         """Adapter for ``sliding_window_predict``'s ``progress(done, total)``."""
