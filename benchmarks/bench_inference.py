@@ -494,8 +494,45 @@ def oom_check_child(args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
+def jax_oom_check_child(args: argparse.Namespace) -> dict[str, Any]:
+    """On a GPU with JAX, started with a tiny ``XLA_PYTHON_CLIENT_MEM_FRACTION``: the fallback for real.
+
+    JAX fixes its memory cap at start, so there is one capped run: the reference is the sliding
+    window on the float32 CPU copy itself; the capped GPU run must fail at every batch size, move to
+    that copy, and give exactly the reference.
+    """
+    from UNet3DSegmentLib.devices import FallbackPredictor
+    from UNet3DSegmentLib.inference import sliding_window_predict
+
+    loaded = load_predictor(args, "bf16")
+    if not loaded.device.startswith("gpu") or loaded.backend != "jax":
+        raise SystemExit("--oom-check --backend jax needs a GPU that JAX sees")
+    patch = loaded.patch_size
+    image = np.random.default_rng(0).normal(size=shape_of(args.shape) + (loaded.in_channels,)).astype(np.float32)
+    cpu = loaded.cpu_predictor()
+    reference = sliding_window_predict(image, cpu.predict, patch, args.overlap, "gaussian", args.batch_size)
+    warnings: list[str] = []
+    predictor = FallbackPredictor(loaded.predict, loaded.device, loaded.cpu_predictor, warnings.append)
+    start = time.perf_counter()
+    capped = sliding_window_predict(image, predictor, patch, args.overlap, "gaussian", args.batch_size)
+    return {"memory_fraction": os.environ.get("XLA_PYTHON_CLIENT_MEM_FRACTION"), "warnings": warnings,
+            "device_at_end": predictor.device, "seconds": time.perf_counter() - start,
+            "identical_to_cpu_reference": bool(np.array_equal(capped, reference))}
+
+
 def oom_check(args: argparse.Namespace) -> dict[str, Any]:
-    """Run :func:`oom_check_child` in a child process and print what happened."""
+    """Run :func:`oom_check_child` (or the JAX one) in a child process and print what happened."""
+    if args.backend == "jax":
+        env = dict(os.environ, XLA_PYTHON_CLIENT_MEM_FRACTION=os.environ.get("UNET3D_JAX_FRACTION", "0.003"))
+        done = subprocess.run(child_command(args, "oom"), capture_output=True, text=True, timeout=args.timeout,
+                              env=env)
+        if done.returncode != 0:
+            raise SystemExit(f"oom check failed\n{done.stderr[-3000:]}")
+        result = json.loads(done.stdout.strip().splitlines()[-1])
+        print(f"JAX, memory fraction {result['memory_fraction']}: ended on {result['device_at_end']}, "
+              f"{result['seconds']:.1f} s, warnings: {result['warnings']}; identical to the CPU copy's own "
+              f"window: {result['identical_to_cpu_reference']}", flush=True)
+        return result
     command = child_command(args, "oom")
     done = subprocess.run(command, capture_output=True, text=True, timeout=args.timeout)
     if done.returncode != 0:
@@ -523,7 +560,7 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(same_process_child(args)))
         return 0
     if args.child == "oom":
-        print(json.dumps(oom_check_child(args)))
+        print(json.dumps(jax_oom_check_child(args) if args.backend == "jax" else oom_check_child(args)))
         return 0
     if args.child:
         print(json.dumps(run_child(args)))

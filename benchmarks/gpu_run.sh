@@ -22,3 +22,4 @@ step --backend jax --batch-size 8 --variants engine-bf16,monai-bf16 --json "$OUT
 step --backend torch --variants engine-bf16,monai-bf16 --json "$OUT/torch_b2.json"
 step --backend torch --batch-size 8 --variants engine-bf16 --json "$OUT/torch_b8.json"
 step --backend torch --oom-check --shape 96,96,96 --json "$OUT/oom.json"
+UNET3D_JAX_FRACTION=0.003 step --backend jax --oom-check --shape 64,64,96 --batch-size 8 --json "$OUT/oom_jax.json"
