@@ -11,7 +11,8 @@ import SimpleITK as sitk
 from UNet3DSegmentLib.cli import main
 from UNet3DSegmentLib.devices import FallbackPredictor
 from UNet3DSegmentLib.errors import EXIT_USAGE, OutOfMemoryError
-from UNet3DSegmentLib.model_io import _is_out_of_memory, configure_tensorflow, load_model
+from UNet3DSegmentLib.errors import is_out_of_memory
+from UNet3DSegmentLib.model_io import configure_tensorflow, load_model
 
 
 def doubling(batch: np.ndarray) -> np.ndarray:
@@ -66,11 +67,11 @@ def test_fallback_gives_up_on_the_cpu_with_one_clear_error():
 def test_out_of_memory_errors_of_each_backend_are_recognised():
     import tensorflow as tf
 
-    assert _is_out_of_memory(tf.errors.ResourceExhaustedError(None, None, "OOM when allocating"))
-    assert _is_out_of_memory(RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB"))
-    assert _is_out_of_memory(RuntimeError("RESOURCE_EXHAUSTED: Out of memory while trying to allocate"))
-    assert _is_out_of_memory(MemoryError())
-    assert not _is_out_of_memory(ValueError("shapes do not match"))
+    assert is_out_of_memory(tf.errors.ResourceExhaustedError(None, None, "OOM when allocating"))
+    assert is_out_of_memory(RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB"))
+    assert is_out_of_memory(RuntimeError("RESOURCE_EXHAUSTED: Out of memory while trying to allocate"))
+    assert is_out_of_memory(MemoryError())
+    assert not is_out_of_memory(ValueError("shapes do not match"))
 
 
 def test_loaded_model_turns_resource_exhausted_into_out_of_memory(tiny_model_path: Path):
@@ -133,5 +134,5 @@ def test_gpu_index_without_a_gpu():
 
 
 def test_cpu_allocation_failure_of_pytorch_is_recognised():
-    assert _is_out_of_memory(RuntimeError("[enforce fail at alloc_cpu.cpp:117] data. DefaultCPUAllocator: can't "
+    assert is_out_of_memory(RuntimeError("[enforce fail at alloc_cpu.cpp:117] data. DefaultCPUAllocator: can't "
                                           "allocate memory: you tried to allocate 68719476736 bytes."))

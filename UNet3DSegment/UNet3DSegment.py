@@ -261,8 +261,8 @@ class UNet3DSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self._job = self.logic.segment(
                 self._inputVolumes(), output, model=p.modelPath, overlap=p.overlap, batchSize=p.batchSize,
                 tta=p.tta, device=p.device.value, precision=p.precision.value, largestComponent=p.largestComponent,
-                backend=p.backend.value, gpuMemoryLimit=gpuLimit, pythonExecutable=python, replaceExisting=output is not None, waitForCompletion=False,
-                progress=self.onProgress)
+                backend=p.backend.value, gpuMemoryLimit=gpuLimit, pythonExecutable=python,
+                replaceExisting=output is not None, waitForCompletion=False, progress=self.onProgress)
             self._setRunning(True)
             self._timer.start()
 
@@ -281,8 +281,9 @@ class UNet3DSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if slicer.app.testingEnabled():
             raise BadInputError(_("Slicer's Python lacks {missing}; not installing during tests").format(
                 missing=", ".join(missing)))
-        question = _("The segmentation engine needs {packages} in Slicer's Python (TensorFlow or PyTorch is a "
-                     "download of several hundred MB). Slicer's own numpy, SimpleITK and VTK are kept. Install now?").format(
+        question = _("The segmentation engine needs {packages} in Slicer's Python (TensorFlow or PyTorch is "
+                     "a download of several hundred MB). Slicer's own numpy, SimpleITK and VTK are kept. "
+                     "Install now?").format(
             packages=", ".join(requirements))
         if not slicer.util.confirmOkCancelDisplay(question):
             return False

@@ -210,19 +210,30 @@ def same_process_child(args: argparse.Namespace) -> dict[str, Any]:
     return {"precision": loaded.precision, "device": loaded.device, "backend": loaded.backend, "runs": runs}
 
 
+def child_result(args: argparse.Namespace, child: str, env: dict[str, str] | None = None,
+                 live_stderr: bool = False) -> dict[str, Any]:
+    """Run the benchmark as ``--child child`` and return the JSON of its last stdout line.
+
+    ``live_stderr`` lets the child's progress lines through as they come; otherwise its stderr is
+    kept and shown only if it fails.
+    """
+    done = subprocess.run(child_command(args, child), stdout=subprocess.PIPE, text=True, timeout=args.timeout,
+                          stderr=None if live_stderr else subprocess.PIPE, env=env)
+    if done.returncode != 0:
+        raise SystemExit(f"{child} failed\n{(done.stderr or '')[-3000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
 def same_process(args: argparse.Namespace) -> dict[str, Any]:
     """Run :func:`same_process_child` for ``--same-process fp32|bf16`` and print the ratio."""
-    done = subprocess.run(child_command(args, f"same-{args.same_process}"), stdout=subprocess.PIPE, text=True,
-                          timeout=args.timeout)
-    if done.returncode != 0:
-        raise SystemExit("same-process comparison failed")
-    result = json.loads(done.stdout.strip().splitlines()[-1])
+    result = child_result(args, f"same-{args.same_process}", live_stderr=True)
     kinds = args.compare.split(",")
     sums = {kind: sum(r["total_seconds"] for r in result["runs"] if r["kind"] == kind) for kind in kinds}
     model = {kind: sum(r["model_seconds"] for r in result["runs"] if r["kind"] == kind) for kind in kinds}
     result["totals"], result["model_totals"] = sums, model
-    print(f"same process, {result['backend']} {result['precision']} on {result['device']}, "
-          f"{len(result['runs'])} windows in A B B A order:", flush=True)
+    order = " ".join(r["kind"] for r in result["runs"])
+    print(f"same process, {result['backend']} {result['precision']} on {result['device']}, windows in the "
+          f"order {order}:", flush=True)
     for kind in kinds:
         print(f"  {kind:<13} total {sums[kind]:.1f} s, model {model[kind]:.1f} s, around the model "
               f"{sums[kind] - model[kind]:.2f} s", flush=True)
@@ -524,22 +535,15 @@ def oom_check(args: argparse.Namespace) -> dict[str, Any]:
     """Run :func:`oom_check_child` (or the JAX one) in a child process and print what happened."""
     if args.backend == "jax":
         env = dict(os.environ, XLA_PYTHON_CLIENT_MEM_FRACTION=os.environ.get("UNET3D_JAX_FRACTION", "0.003"))
-        done = subprocess.run(child_command(args, "oom"), capture_output=True, text=True, timeout=args.timeout,
-                              env=env)
-        if done.returncode != 0:
-            raise SystemExit(f"oom check failed\n{done.stderr[-3000:]}")
-        result = json.loads(done.stdout.strip().splitlines()[-1])
+        result = child_result(args, "oom", env=env)
         print(f"JAX, memory fraction {result['memory_fraction']}: ended on {result['device_at_end']}, "
               f"{result['seconds']:.1f} s, warnings: {result['warnings']}; identical to the CPU copy's own "
               f"window: {result['identical_to_cpu_reference']}", flush=True)
         return result
-    command = child_command(args, "oom")
-    done = subprocess.run(command, capture_output=True, text=True, timeout=args.timeout)
-    if done.returncode != 0:
-        raise SystemExit(f"oom check failed\n{done.stderr[-3000:]}")
-    result = json.loads(done.stdout.strip().splitlines()[-1])
+    result = child_result(args, "oom")
     need = ", ".join(f"{rows}: {size / 2**20:.0f} MiB" for rows, size in result["reserved_bytes_for_batch"].items())
-    print(f"GPU memory reserved per batch size (patches: MiB): {need}; reference run {result['reference_seconds']:.1f} s")
+    print(f"GPU memory reserved per batch size (patches: MiB): {need}; "
+          f"reference run {result['reference_seconds']:.1f} s")
     for step in ("halving", "cpu"):
         r = result[step]
         print(f"cap {r['cap_bytes'] / 2**20:.0f} MiB: ended on {r['device_at_end']}, {r['seconds']:.1f} s, "

@@ -21,7 +21,14 @@ import traceback
 from typing import Optional, Sequence
 
 from . import __version__
-from .errors import EXIT_CANCELLED, EXIT_INTERNAL, CancelledError, OutOfMemoryError, UNet3DSegmentError
+from .errors import (
+    EXIT_CANCELLED,
+    EXIT_INTERNAL,
+    CancelledError,
+    OutOfMemoryError,
+    UNet3DSegmentError,
+    is_out_of_memory,
+)
 from .progress import make_reporter
 
 PROG = "unet3d-segment"
@@ -67,13 +74,6 @@ def _install_sigterm(cancel: threading.Event) -> None:
         pass
 
 
-def _is_out_of_memory(error: BaseException) -> bool:
-    name = type(error).__name__
-    return isinstance(error, MemoryError) or name in {"ResourceExhaustedError", "OutOfMemoryError"} or (
-        "out of memory" in str(error).lower()
-    )
-
-
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Run the command line; returns the process exit code (see errors.py)."""
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")  # keep TensorFlow's C++ chatter off stderr
@@ -93,7 +93,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except Exception as error:  # noqa: BLE001 - last line of defence: one line, not a stack trace
         if args.debug:
             traceback.print_exc()
-        if _is_out_of_memory(error):
+        if is_out_of_memory(error):
             return _report_error(
                 args,
                 OutOfMemoryError.kind,

@@ -39,7 +39,7 @@ def _size(text: str) -> int:
 
 
 def add_runtime_arguments(parser: argparse.ArgumentParser) -> None:
-    """``--precision``, ``--backend``, ``--max-memory``, ``--accumulation``, ``--gpu-memory-limit`` (also ``estimate``)."""
+    """Options shared with ``estimate``: precision, backend, memory budget, accumulation, GPU memory limit."""
     parser.add_argument("--precision", choices=["auto", "fp32", "bf16", "fp16"], default="auto",
                         help="arithmetic of the network (default auto: bf16 on GPUs and on CPUs with "
                         "AVX512-BF16/AMX, else fp32); the softmax output stays float32")

@@ -17,12 +17,13 @@ import subprocess
 from pathlib import Path
 from typing import Mapping, Optional, Sequence, Union
 
+from .backends import validate_backend
 from .errors import BadInputError
 
 PathLike = Union[str, Path]
-ENGINE_MODULES = ("tensorflow", "SimpleITK", "numpy")
 # With another Keras backend the engine needs Keras itself and that framework instead of TensorFlow.
 BACKEND_MODULES = {"tensorflow": ("tensorflow",), "torch": ("keras", "torch"), "jax": ("keras", "jax")}
+ENGINE_MODULES = BACKEND_MODULES["tensorflow"] + ("SimpleITK", "numpy")
 # pip name of each module the engine needs (what to install when it is missing).
 PIP_NAMES = {"tensorflow": "tensorflow", "SimpleITK": "SimpleITK", "numpy": "numpy", "keras": "keras>=3",
              "torch": "torch", "jax": "jax"}
@@ -39,9 +40,7 @@ _PROBE = (
 
 def engine_modules(backend: str = "tensorflow") -> tuple[str, ...]:
     """The modules the engine imports when the model runs on Keras backend ``backend``."""
-    if backend not in BACKEND_MODULES:
-        raise BadInputError(f"backend must be one of {', '.join(BACKEND_MODULES)}, got {backend!r}")
-    return BACKEND_MODULES[backend] + ("SimpleITK", "numpy")
+    return BACKEND_MODULES[validate_backend(backend)] + ENGINE_MODULES[1:]
 
 
 def missing_modules(

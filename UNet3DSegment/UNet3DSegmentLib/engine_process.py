@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any, Mapping, Optional, Sequence, Union
 
+from .backends import validate_backend
 from .errors import (
     EXIT_BAD_INPUT,
     EXIT_BAD_MODEL,
@@ -38,6 +39,7 @@ from .errors import (
     OutOfMemoryError,
     UNet3DSegmentError,
 )
+from .memory import parse_size
 
 PathLike = Union[str, Path]
 Event = dict[str, Any]
@@ -95,15 +97,13 @@ class EngineOptions:
         if self.largest_component:
             args.append("--largest-component")
         if self.backend != "tensorflow":
-            args += ["--backend", _choice("backend", self.backend, ("tensorflow", "torch", "jax"))]
+            args += ["--backend", validate_backend(str(self.backend).lower())]
         if self.gpu_index is not None:
             if not str(self.gpu_index).isdigit():
                 raise BadInputError(f"GPU index must be an integer >= 0, got {self.gpu_index!r}")
             args += ["--gpu", str(int(self.gpu_index))]
         for flag, size in (("--gpu-memory-limit", self.gpu_memory_limit), ("--max-memory", self.max_memory)):
             if size is not None:
-                from .memory import parse_size
-
                 parse_size(str(size))  # a bad size is the caller's one-line error, not the child's
                 args += [flag, str(size).strip()]
         if self.accumulation != "float32":

@@ -60,3 +60,19 @@ EXIT_CODES: dict[str, int] = {
     CancelledError.kind: EXIT_CANCELLED,
     OutOfMemoryError.kind: EXIT_OUT_OF_MEMORY,
 }
+
+
+def is_out_of_memory(error: BaseException) -> bool:
+    """True for an allocation failure of any framework: TensorFlow's ResourceExhaustedError, PyTorch's
+    OutOfMemoryError (CUDA) and CPU allocator error, JAX/XLA's RESOURCE_EXHAUSTED, Python's MemoryError.
+
+    Judged by type name and message, so that no framework has to be imported to ask.
+    """
+    text = str(error)
+    return (
+        isinstance(error, MemoryError)
+        or type(error).__name__ in {"ResourceExhaustedError", "OutOfMemoryError"}
+        or "RESOURCE_EXHAUSTED" in text
+        or "out of memory" in text.lower()
+        or "DefaultCPUAllocator: can't allocate memory" in text
+    )

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import itertools
 import math
-import os
 import queue
 import threading
 from concurrent.futures import ThreadPoolExecutor
@@ -478,7 +477,9 @@ def _band_edges(size: int, bands: int) -> list[tuple[int, int]]:
 def blend_threads(cores: Optional[int] = None) -> int:
     """Threads for blending: one per 4 cores, at most 4 (one on small machines, whose cores run the model)."""
     if cores is None:
-        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+        from .model_io import cpu_cores  # no framework import: model_io loads TensorFlow only when asked
+
+        cores = cpu_cores()
     return max(1, min(4, cores // 4))
 
 

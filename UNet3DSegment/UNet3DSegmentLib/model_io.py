@@ -22,7 +22,7 @@ from typing import Any, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
-from .errors import BadInputError, BadModelError, OutOfMemoryError
+from .errors import BadInputError, BadModelError, OutOfMemoryError, is_out_of_memory
 from .model_card import SEED_ARCHITECTURE, ModelCard, card_for_model, card_path_for_model, default_card
 
 logger = logging.getLogger(__name__)
@@ -166,7 +166,7 @@ class LoadedModel:
         try:
             return self._compiled()(array)
         except Exception as error:  # noqa: BLE001 - each backend has its own out-of-memory type
-            if not _is_out_of_memory(error):
+            if not is_out_of_memory(error):
                 raise
             raise OutOfMemoryError(
                 f"out of memory predicting a batch of {array.shape[0]} patch(es) of "
@@ -294,24 +294,11 @@ def _torch_forward(model: Any) -> Any:
                 result = model(torch.from_numpy(array), training=False)
                 return result.detach().to(dtype=torch.float32, device="cpu").numpy()
         except Exception as error:  # noqa: BLE001 - torch.OutOfMemoryError, or RuntimeError on old versions
-            if _is_out_of_memory(error) and torch.cuda.is_available():
+            if is_out_of_memory(error) and torch.cuda.is_available():
                 torch.cuda.empty_cache()
             raise
 
     return forward
-
-
-def _is_out_of_memory(error: BaseException) -> bool:
-    """True for TensorFlow's ResourceExhaustedError, PyTorch's and JAX's out-of-memory errors."""
-    name = type(error).__name__
-    text = str(error)
-    return (
-        name in {"ResourceExhaustedError", "OutOfMemoryError"}
-        or isinstance(error, MemoryError)
-        or "RESOURCE_EXHAUSTED" in text
-        or "CUDA out of memory" in text
-        or "DefaultCPUAllocator: can't allocate memory" in text
-    )
 
 
 def load_model(
@@ -365,7 +352,8 @@ def configure_runtime(
 
     TensorFlow: :func:`configure_tensorflow`. PyTorch: CPU threads, cuDNN autotuning and the memory
     cap (the GPU was chosen by ``backends.select_backend``). JAX: the device it found.
-    ``gpu_memory_limit``: bytes this process may take on the GPU (TensorFlow and PyTorch). Returns ``"cpu"`` or ``"gpu:N"``.
+    ``gpu_memory_limit``: bytes this process may take on the GPU (TensorFlow and PyTorch).
+    Returns ``"cpu"`` or ``"gpu:N"``.
     """
     backend = os.environ.get("KERAS_BACKEND", "tensorflow")
     if gpu_memory_limit is not None and not (_is_int(gpu_memory_limit) and gpu_memory_limit >= 2**20):
