@@ -47,7 +47,7 @@ def save_tiny_model(folder: Path, seed: int = 0, card: dict | None = None, name:
     """Build a tiny seed-topology model with fixed random weights, save `<name>.keras` + card."""
     import keras
 
-    from UNet3DSegmentLib.network import build_unet3d
+    from UNet3DSegmentLib.engine.network import build_unet3d
 
     keras.utils.set_random_seed(seed)
     card = dict(TINY_CARD if card is None else card)

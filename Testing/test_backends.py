@@ -16,8 +16,8 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from UNet3DSegmentLib.backends import select_backend, validate_backend
-from UNet3DSegmentLib.errors import BadInputError
+from UNet3DSegmentLib.runtime.backends import select_backend, validate_backend
+from UNet3DSegmentLib.base.errors import BadInputError
 
 HAS_TORCH = importlib.util.find_spec("torch") is not None
 
@@ -84,7 +84,7 @@ def test_backend_cannot_change_once_keras_runs():
 def test_missing_backend_names_the_install_command():
     if importlib.util.find_spec("jax") is not None:
         pytest.skip("JAX is installed here")
-    code = "from UNet3DSegmentLib.backends import select_backend\nselect_backend('jax')\n"
+    code = "from UNet3DSegmentLib.runtime.backends import select_backend\nselect_backend('jax')\n"
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert result.returncode != 0
     assert "the jax backend is not installed; install it with: pip install jax" in result.stderr
@@ -108,9 +108,9 @@ def test_saved_model_needs_tensorflow(tmp_path: Path):
 CPU_TWIN_PROBE = """
 import json, sys
 import numpy as np
-from UNet3DSegmentLib.backends import select_backend
+from UNet3DSegmentLib.runtime.backends import select_backend
 select_backend(sys.argv[1])
-from UNet3DSegmentLib.model_io import configure_runtime, load_model
+from UNet3DSegmentLib.engine.loading import configure_runtime, load_model
 configure_runtime("cpu")
 loaded = load_model(sys.argv[2], precision="fp32")
 batch = np.random.default_rng(3).normal(size=(3, 16, 16, 16, 1)).astype(np.float32)
@@ -139,7 +139,7 @@ def test_torch_model_has_a_cpu_copy_for_the_out_of_memory_fallback(tiny_model_pa
 
 
 def test_gpu_memory_limit_is_refused_on_jax_and_when_tiny():
-    from UNet3DSegmentLib.model_io import configure_runtime
+    from UNet3DSegmentLib.engine.loading import configure_runtime
 
     with pytest.raises(BadInputError, match=r"^a GPU memory limit is not available on the jax backend; set "
                                             r"XLA_PYTHON_CLIENT_MEM_FRACTION"):

@@ -15,8 +15,8 @@ import pytest
 import SimpleITK as sitk
 
 from conftest import oblique_anisotropic_image, save_tiny_model
-from UNet3DSegmentLib import errors
-from UNet3DSegmentLib.cli import main
+from UNet3DSegmentLib.base import errors
+from UNet3DSegmentLib.cli.main import main
 
 
 def geometry(image: sitk.Image) -> tuple:
@@ -195,7 +195,7 @@ def test_sigterm_cancels_and_leaves_nothing(tmp_path: Path, tiny_model_path: Pat
 def test_failed_labelmap_write_removes_the_probabilities(tmp_path: Path, oblique_nrrd: Path,
                                                           tiny_model_path: Path, monkeypatch, capsys):
     """No half-finished run: when the labelmap cannot be written, the probabilities go too."""
-    from UNet3DSegmentLib import image_io
+    from UNet3DSegmentLib.engine import image_io
 
     def broken_write(*args, **kwargs):
         raise errors.BadInputError("cannot write labels.nrrd: disk full; free some space")

@@ -13,10 +13,10 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from UNet3DSegmentLib.cli import main
-from UNet3DSegmentLib.demo import DEMO_CLASSES, load_template, output_stem, reference_labels, mni152_paths
-from UNet3DSegmentLib.errors import EXIT_BAD_INPUT
-from UNet3DSegmentLib.postprocessing import dice_per_class
+from UNet3DSegmentLib.cli.main import main
+from UNet3DSegmentLib.training.demo import DEMO_CLASSES, load_template, output_stem, reference_labels, mni152_paths
+from UNet3DSegmentLib.base.errors import EXIT_BAD_INPUT
+from UNet3DSegmentLib.engine.postprocessing import dice_per_class
 
 BAR = {1: 0.85, 2: 0.85, 3: 0.90}  # CSF, grey matter, white matter
 OVERLAP = "0.25"  # 36 patches instead of 80 at the default 0.5: keeps the test near half a minute
@@ -106,7 +106,7 @@ def test_reference_labels_derivation() -> None:
 
 
 def test_transformed_copies_are_seeded_with_labels_on_the_image() -> None:
-    from UNet3DSegmentLib.demo import EVALUATION_SEEDS, TRAIN_SEEDS, VALIDATION_SEEDS, load_template_maps, transformed_copy
+    from UNet3DSegmentLib.training.demo import EVALUATION_SEEDS, TRAIN_SEEDS, VALIDATION_SEEDS, load_template_maps, transformed_copy
 
     assert not set(TRAIN_SEEDS) & set(VALIDATION_SEEDS) and not set(TRAIN_SEEDS) & set(EVALUATION_SEEDS)
     maps = load_template_maps()

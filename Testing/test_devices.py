@@ -8,11 +8,11 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from UNet3DSegmentLib.cli import main
-from UNet3DSegmentLib.devices import FallbackPredictor
-from UNet3DSegmentLib.errors import EXIT_USAGE, OutOfMemoryError
-from UNet3DSegmentLib.errors import is_out_of_memory
-from UNet3DSegmentLib.model_io import configure_tensorflow, load_model
+from UNet3DSegmentLib.cli.main import main
+from UNet3DSegmentLib.runtime.fallback import FallbackPredictor
+from UNet3DSegmentLib.base.errors import EXIT_USAGE, OutOfMemoryError
+from UNet3DSegmentLib.base.errors import is_out_of_memory
+from UNet3DSegmentLib.engine.loading import configure_tensorflow, load_model
 
 
 def doubling(batch: np.ndarray) -> np.ndarray:
@@ -90,7 +90,7 @@ def test_loaded_model_turns_resource_exhausted_into_out_of_memory(tiny_model_pat
 
 def test_pipeline_reports_the_fallback_as_warning_events(tiny_model_path: Path):
     """Force a 'GPU' that fits one patch only: same labels as a normal run, and warning events."""
-    from UNet3DSegmentLib.pipeline import SegmentOptions, segment_images
+    from UNet3DSegmentLib.engine.pipeline import SegmentOptions, segment_images
 
     rng = np.random.default_rng(5)
     image = sitk.GetImageFromArray(rng.normal(50, 10, size=(20, 24, 30)).astype(np.float32))

@@ -16,7 +16,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from UNet3DSegmentLib.engine_process import (
+from UNet3DSegmentLib.client.engine_process import (
     MODULE_DIR,
     EngineOptions,
     EngineProcess,
@@ -24,7 +24,7 @@ from UNet3DSegmentLib.engine_process import (
     error_for_exit,
     segment_command,
 )
-from UNet3DSegmentLib.errors import (
+from UNet3DSegmentLib.base.errors import (
     BadInputError,
     BadModelError,
     CancelledError,
@@ -322,7 +322,7 @@ def test_error_for_exit_without_any_message() -> None:
 
 def test_every_flag_the_panel_can_send_is_accepted_by_the_engine_command_line() -> None:
     """The command builder and the engine's argparse must agree (a mismatch fails only at run time)."""
-    from UNet3DSegmentLib.cli import build_parser
+    from UNet3DSegmentLib.cli.main import build_parser
 
     options = EngineOptions(overlap=0.25, batch_size=4, blend="constant", tta=True, device="cpu",
                             precision="bf16", largest_component=True, backend="jax", gpu_index=2,

@@ -11,9 +11,9 @@ import pytest
 import SimpleITK as sitk
 
 from conftest import oblique_anisotropic_image
-from UNet3DSegmentLib import image_io
-from UNet3DSegmentLib.errors import BadInputError, BadModelError, CancelledError
-from UNet3DSegmentLib.image_io import (
+from UNet3DSegmentLib.engine import image_io
+from UNet3DSegmentLib.base.errors import BadInputError, BadModelError, CancelledError
+from UNet3DSegmentLib.engine.image_io import (
     atomic_write,
     check_output_path,
     read_channels,

@@ -41,7 +41,7 @@ def test_importing_every_engine_module_loads_no_slicer_qt_or_tensorflow() -> Non
 
 def test_help_does_not_import_tensorflow() -> None:
     code = (
-        "from UNet3DSegmentLib.cli import main\n"
+        "from UNet3DSegmentLib.cli.main import main\n"
         "try:\n    main(['--help'])\nexcept SystemExit:\n    pass\n"
         "for c in ['segment']:\n"
         "    try:\n        main([c, '--help'])\n    except SystemExit:\n        pass\n"

@@ -11,9 +11,9 @@ import threading
 import numpy as np
 import pytest
 
-from UNet3DSegmentLib import inference
-from UNet3DSegmentLib.errors import BadInputError, CancelledError
-from UNet3DSegmentLib.inference import (
+from UNet3DSegmentLib.engine import window as inference
+from UNet3DSegmentLib.base.errors import BadInputError, CancelledError
+from UNet3DSegmentLib.engine.window import (
     count_patches,
     grid_starts,
     importance_map,
@@ -442,7 +442,7 @@ def test_inference_runs_without_tensorflow():
 
     code = (
         "import sys, numpy as np\n"
-        "from UNet3DSegmentLib.inference import sliding_window_predict\n"
+        "from UNet3DSegmentLib.engine.window import sliding_window_predict\n"
         "sliding_window_predict(np.ones((8, 8, 8, 1), np.float32), lambda b: b, (8, 8, 8))\n"
         "print(sorted(m for m in ('tensorflow', 'keras') if m in sys.modules))\n"
     )

@@ -16,9 +16,9 @@ import pytest
 import SimpleITK as sitk
 
 from conftest import TINY_CARD, save_tiny_model
-from UNet3DSegmentLib.cli import main
-from UNet3DSegmentLib.errors import BadInputError
-from UNet3DSegmentLib.inference import (
+from UNet3DSegmentLib.cli.main import main
+from UNet3DSegmentLib.base.errors import BadInputError
+from UNet3DSegmentLib.engine.window import (
     SlabAccumulator,
     count_patches,
     grid_starts,
@@ -26,7 +26,7 @@ from UNet3DSegmentLib.inference import (
     ring_depth,
     sliding_window_predict,
 )
-from UNet3DSegmentLib.memory import estimate_memory, format_size, parse_size, probability_bytes
+from UNet3DSegmentLib.engine.memory import estimate_memory, format_size, parse_size, probability_bytes
 
 GIB = 1024 ** 3
 
@@ -43,7 +43,7 @@ def volume(shape=(45, 20, 26), seed: int = 0) -> np.ndarray:
 
 def reference_blend(image, predict, patch, overlap, batch_size):
     """The plain full-volume weighted average (what the slab ring must reproduce)."""
-    from UNet3DSegmentLib.inference import importance_map
+    from UNet3DSegmentLib.engine.window import importance_map
 
     weights = importance_map(patch, "gaussian")
     starts = grid_starts(image.shape[:3], patch, overlap)
@@ -180,8 +180,8 @@ def resampling_model(folder: Path) -> Path:
 
 
 def test_budget_too_small_for_probabilities(tmp_path: Path):
-    from UNet3DSegmentLib.model_io import load_model
-    from UNet3DSegmentLib.pipeline import SegmentOptions, segment_images
+    from UNet3DSegmentLib.engine.loading import load_model
+    from UNet3DSegmentLib.engine.pipeline import SegmentOptions, segment_images
 
     loaded = load_model(resampling_model(tmp_path))
     z, y, x = np.mgrid[0:14, 0:20, 0:22]
@@ -236,7 +236,7 @@ def test_big_ct_stays_under_4_gb(tmp_path: Path):
     output = tmp_path / "labels.nrrd"
     code = (
         "import resource, sys\n"
-        "from UNet3DSegmentLib.cli import main\n"
+        "from UNet3DSegmentLib.cli.main import main\n"
         f"code = main(['segment', {str(ct)!r}, '-o', {str(output)!r}, '--model', {str(model)!r},"
         " '--overlap', '0', '--batch-size', '4', '--progress', 'none'])\n"
         "print(code, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)\n"
@@ -252,8 +252,8 @@ def test_big_ct_stays_under_4_gb(tmp_path: Path):
 
 def test_seed_network_flops_and_expected_time():
     """488.5 GFLOP per 64^3 patch (DESIGN.md's count); 2 Zen 4 cores: ~2.2 s fp32, ~1.16 s bf16."""
-    from UNet3DSegmentLib.memory import expected_seconds_per_patch, largest_activation, model_flops
-    from UNet3DSegmentLib.network import build_unet3d
+    from UNet3DSegmentLib.engine.memory import expected_seconds_per_patch, largest_activation, model_flops
+    from UNet3DSegmentLib.engine.network import build_unet3d
 
     model = build_unet3d()
     flops = model_flops(model)
@@ -268,7 +268,7 @@ def test_seed_network_flops_and_expected_time():
 @pytest.mark.parametrize("bands", [2, 3, 7])
 def test_blending_in_y_bands_on_several_threads_is_bit_identical(bands: int, monkeypatch):
     """Machines with many cores blend in y bands on a thread pool: the sums must not change by one bit."""
-    import UNet3DSegmentLib.inference as inference
+    import UNet3DSegmentLib.engine.window as inference
 
     image = volume((30, 37, 26))
     single = sliding_window_predict(image, smooth_predictor, (16, 16, 16), 0.5, batch_size=3)
@@ -286,7 +286,7 @@ def test_blending_in_y_bands_on_several_threads_is_bit_identical(bands: int, mon
 
 
 def test_blend_threads_grow_with_the_cores():
-    from UNet3DSegmentLib.inference import _band_edges, blend_threads
+    from UNet3DSegmentLib.engine.window import _band_edges, blend_threads
 
     assert [blend_threads(c) for c in (1, 2, 4, 8, 16, 64)] == [1, 1, 1, 2, 4, 4]
     assert _band_edges(10, 3) == [(0, 3), (3, 7), (7, 10)]

@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 from conftest import TINY_CARD
 
-from UNet3DSegmentLib.errors import BadModelError
-from UNet3DSegmentLib.model_card import (
+from UNet3DSegmentLib.base.errors import BadModelError
+from UNet3DSegmentLib.engine.card import (
     SLICER_ANATOMIC_CONTEXT,
     SLICER_TERMINOLOGY_CONTEXT,
     ClassInfo,

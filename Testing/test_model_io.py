@@ -13,9 +13,9 @@ import numpy as np
 import pytest
 from conftest import TINY_CARD, TINY_PATCH
 
-from UNet3DSegmentLib.errors import BadInputError, BadModelError
-from UNet3DSegmentLib.model_card import card_from_dict, card_path_for_model
-from UNet3DSegmentLib.model_io import LoadedModel, configure_tensorflow, load_model
+from UNet3DSegmentLib.base.errors import BadInputError, BadModelError
+from UNet3DSegmentLib.engine.card import card_from_dict, card_path_for_model
+from UNet3DSegmentLib.engine.loading import LoadedModel, configure_tensorflow, load_model
 
 
 def batch(n: int, channels: int = 1, patch=TINY_PATCH, seed: int = 1) -> np.ndarray:
@@ -52,7 +52,7 @@ def test_configure_tensorflow_in_a_fresh_process():
     script = (
         "import logging, tensorflow as tf\n"
         "logging.basicConfig(level=logging.WARNING, format='%(message)s')\n"
-        "from UNet3DSegmentLib.model_io import configure_tensorflow as c\n"
+        "from UNet3DSegmentLib.engine.loading import configure_tensorflow as c\n"
         "print(c('cpu', threads=1), c('cpu', threads=1))\n"
         "print(tf.config.threading.get_intra_op_parallelism_threads(),"
         " tf.config.threading.get_inter_op_parallelism_threads(),"

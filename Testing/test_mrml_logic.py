@@ -24,10 +24,10 @@ import vtk
 from conftest import TINY_CARD, oblique_anisotropic_image
 from slicer.util import arrayFromVolume
 
-from UNet3DSegmentLib.engine_process import MODULE_DIR
-from UNet3DSegmentLib.errors import BadInputError, BadModelError, CancelledError
-from UNet3DSegmentLib.model_card import load_card
-from UNet3DSegmentLib.mrml_logic import SegmentationJob, UNet3DSegmentLogic
+from UNet3DSegmentLib.client.engine_process import MODULE_DIR
+from UNet3DSegmentLib.base.errors import BadInputError, BadModelError, CancelledError
+from UNet3DSegmentLib.engine.card import load_card
+from UNet3DSegmentLib.mrml.logic import SegmentationJob, UNet3DSegmentLogic
 
 SLICER_DEFAULT_TERMINOLOGY = (
     "Segmentation category and type - 3D Slicer General Anatomy list~SCT^85756007^Tissue~SCT^85756007^Tissue~^^"
@@ -388,7 +388,7 @@ def test_inputs_are_checked_before_anything_runs(app, logic, image_file, stand_i
 
 def run_engine_in_process(input_path: Path, output: Path, model: Path) -> np.ndarray:
     """The engine on the original file, without Slicer in between: the reference result."""
-    from UNet3DSegmentLib.pipeline import segment_files
+    from UNet3DSegmentLib.engine.pipeline import segment_files
 
     segment_files([input_path], output, model=model)
     return sitk.GetArrayFromImage(sitk.ReadImage(str(output)))

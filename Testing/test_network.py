@@ -12,7 +12,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from UNet3DSegmentLib.network import build_unet3d, count_parameters, validate_patch_size
+from UNet3DSegmentLib.engine.network import build_unet3d, count_parameters, validate_patch_size
 
 # (layer name, output shape without the batch axis, parameter count), in the seed's layer order.
 SEED_LAYERS = [

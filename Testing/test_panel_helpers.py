@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 from conftest import TINY_CARD
 
-from UNet3DSegmentLib import dependencies, panel_text, phantom
-from UNet3DSegmentLib.errors import BadInputError
-from UNet3DSegmentLib.model_card import card_from_dict, default_card
+from UNet3DSegmentLib.client import dependencies, panel_text, phantom
+from UNet3DSegmentLib.base.errors import BadInputError
+from UNet3DSegmentLib.engine.card import card_from_dict, default_card
 
 
 def event(stage: str, done: int = 0, total: int = 0, seconds: float = 0.0, message: str = "") -> dict:

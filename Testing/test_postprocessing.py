@@ -5,9 +5,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from UNet3DSegmentLib import postprocessing
-from UNet3DSegmentLib.errors import BadInputError
-from UNet3DSegmentLib.postprocessing import (
+from UNet3DSegmentLib.engine import postprocessing
+from UNet3DSegmentLib.base.errors import BadInputError
+from UNet3DSegmentLib.engine.postprocessing import (
     dice,
     dice_per_class,
     keep_largest_component,

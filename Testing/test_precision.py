@@ -8,10 +8,10 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from UNet3DSegmentLib.errors import BadInputError
-from UNet3DSegmentLib.model_io import load_model
-from UNet3DSegmentLib.postprocessing import dice_per_class
-from UNet3DSegmentLib.precision import (
+from UNet3DSegmentLib.base.errors import BadInputError
+from UNet3DSegmentLib.engine.loading import load_model
+from UNet3DSegmentLib.engine.postprocessing import dice_per_class
+from UNet3DSegmentLib.runtime.precision import (
     apply_precision,
     cpu_flags,
     cpu_has_bf16,
@@ -109,7 +109,7 @@ def test_auto_on_this_machine_follows_the_cpu(tiny_model_path: Path):
 
 def test_bf16_labelmap_dice_against_fp32(tiny_model_path: Path):
     """A whole sliding-window run: the bf16 labelmap agrees with fp32 (random tiny weights)."""
-    from UNet3DSegmentLib.pipeline import SegmentOptions, segment_images
+    from UNet3DSegmentLib.engine.pipeline import SegmentOptions, segment_images
 
     rng = np.random.default_rng(11)
     image = sitk.GetImageFromArray(rng.normal(50, 10, size=(24, 28, 30)).astype(np.float32))

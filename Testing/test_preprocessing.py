@@ -10,8 +10,8 @@ import pytest
 import SimpleITK as sitk
 
 from conftest import TINY_CARD, oblique_anisotropic_image
-from UNet3DSegmentLib.errors import BadInputError, BadModelError
-from UNet3DSegmentLib.preprocessing import nonzero_box, normalize, prepare, target_grid, Grid
+from UNet3DSegmentLib.base.errors import BadInputError, BadModelError
+from UNet3DSegmentLib.engine.preprocessing import nonzero_box, normalize, prepare, target_grid, Grid
 
 
 def _card(spacing="native", orientation="native", method="none", params=None, crop=False, channels=("T1",)):
@@ -71,7 +71,7 @@ def test_native_card_reads_without_resampling_and_restores_without_copy() -> Non
 
 
 def test_real_model_card_is_accepted() -> None:
-    from UNet3DSegmentLib.model_card import card_from_dict
+    from UNet3DSegmentLib.engine.card import card_from_dict
 
     card = card_from_dict(TINY_CARD)
     image = _image(np.arange(2 * 3 * 4, dtype=np.float32).reshape(2, 3, 4))

@@ -13,12 +13,12 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from UNet3DSegmentLib.augmentation import AugmentationConfig, PatchAugmenter
-from UNet3DSegmentLib.cli import main
-from UNet3DSegmentLib.datasets import check_labels, find_pairs, load_case, split_pairs
-from UNet3DSegmentLib.errors import EXIT_BAD_INPUT, BadInputError
-from UNet3DSegmentLib.model_card import card_from_dict
-from UNet3DSegmentLib.training import (
+from UNet3DSegmentLib.training.augmentation import AugmentationConfig, PatchAugmenter
+from UNet3DSegmentLib.cli.main import main
+from UNet3DSegmentLib.training.datasets import check_labels, find_pairs, load_case, split_pairs
+from UNet3DSegmentLib.base.errors import EXIT_BAD_INPUT, BadInputError
+from UNet3DSegmentLib.engine.card import card_from_dict
+from UNet3DSegmentLib.training.loop import (
     PatchSampler,
     TrainingCase,
     class_counts,
@@ -240,7 +240,7 @@ def test_train_end_to_end_improves_dice_and_writes_a_loadable_model(dataset: Pat
     assert len(cases["validation"]) == 1 and sorted(cases["training"] + cases["validation"]) == [
         "case_000", "case_001", "case_002", "case_003"]
 
-    from UNet3DSegmentLib.model_io import load_model
+    from UNet3DSegmentLib.engine.loading import load_model
 
     loaded = load_model(output)
     assert loaded.patch_size == (16, 16, 16) and loaded.num_classes == 3

@@ -36,9 +36,9 @@ import numpy as np
 import pytest
 from conftest import TINY_CARD, save_tiny_model
 
-from UNet3DSegmentLib.cli import build_parser
-from UNet3DSegmentLib.errors import BadInputError
-from UNet3DSegmentLib.mrml_web_files import (
+from UNet3DSegmentLib.cli.main import build_parser
+from UNet3DSegmentLib.base.errors import BadInputError
+from UNet3DSegmentLib.web.files import (
     check_upload,
     demo_volume_file,
     safe_file_name,

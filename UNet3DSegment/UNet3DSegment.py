@@ -23,9 +23,9 @@ from slicer.parameterNodeWrapper import (
 
 from slicer import vtkMRMLScalarVolumeNode, vtkMRMLSegmentationNode
 
-from UNet3DSegmentLib import dependencies, panel_text, phantom
-from UNet3DSegmentLib.errors import BadInputError, CancelledError, UNet3DSegmentError
-from UNet3DSegmentLib.mrml_logic import UNet3DSegmentLogic as SegmentationLogicBase
+from UNet3DSegmentLib.client import dependencies, panel_text, phantom
+from UNet3DSegmentLib.base.errors import BadInputError, CancelledError, UNet3DSegmentError
+from UNet3DSegmentLib.mrml.logic import UNet3DSegmentLogic as SegmentationLogicBase
 
 MAX_CHANNELS = 4  # input selectors in the panel; the Python API takes any number
 
@@ -338,7 +338,7 @@ class UNet3DSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
 
 class UNet3DSegmentLogic(ScriptedLoadableModuleLogic, SegmentationLogicBase):
-    """``UNet3DSegmentLib.mrml_logic.UNet3DSegmentLogic`` inside Slicer: its scene, PythonSlicer, parameter node.
+    """``UNet3DSegmentLib.mrml.logic.UNet3DSegmentLogic`` inside Slicer: its scene, PythonSlicer, parameter node.
 
     From the Python console: ``UNet3DSegmentLogic().segment(volumeNode)`` returns a segmentation node
     (``waitForCompletion=False`` returns a job to poll; see the base class for every option).

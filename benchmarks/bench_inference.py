@@ -91,21 +91,21 @@ def max_rss_bytes() -> int:
 # ------------------------------------------------------------------------------------------ child
 def load_predictor(args: argparse.Namespace, precision: str) -> Any:
     """The engine's LoadedModel (compiled for its backend) for the benchmark model in ``precision``."""
-    from UNet3DSegmentLib.backends import backend_installed, select_backend
+    from UNet3DSegmentLib.runtime.backends import backend_installed, select_backend
 
     select_backend(args.backend, args.device)  # before Keras is imported
     if backend_installed("tensorflow"):
-        from UNet3DSegmentLib.tf_runtime import import_tensorflow_quietly
+        from UNet3DSegmentLib.runtime.tensorflow_setup import import_tensorflow_quietly
 
         import_tensorflow_quietly()
-    from UNet3DSegmentLib.model_io import configure_runtime, load_model
+    from UNet3DSegmentLib.engine.loading import configure_runtime, load_model
 
     configure_runtime(args.device, threads=args.threads)
     if args.model:
         return load_model(Path(args.model), precision=precision)
     import keras
 
-    from UNet3DSegmentLib.network import build_unet3d
+    from UNet3DSegmentLib.engine.network import build_unet3d
 
     keras.utils.set_random_seed(0)
     folder = Path(tempfile.mkdtemp(prefix="bench_model_"))
@@ -133,7 +133,7 @@ def run_child(args: argparse.Namespace) -> dict[str, Any]:
     image = np.random.default_rng(0).normal(size=shape + (loaded.in_channels,)).astype(np.float32)
     batch = image[None, : patch[0], : patch[1], : patch[2]].repeat(args.batch_size, axis=0).copy()
     model_seconds = per_patch_seconds(loaded.predict, batch, args.repeats)
-    from UNet3DSegmentLib.memory import model_flops
+    from UNet3DSegmentLib.engine.memory import model_flops
 
     flops = model_flops(loaded.keras_model)
     total, calls, labels = time_window(kind, image, loaded, args)
@@ -175,7 +175,7 @@ def time_window(kind: str, image: np.ndarray, loaded: Any, args: argparse.Namesp
 
     start = time.perf_counter()
     if kind in ("engine", "engine-serial"):
-        from UNet3DSegmentLib.inference import sliding_window_predict
+        from UNet3DSegmentLib.engine.window import sliding_window_predict
 
         serial = args.serial or kind == "engine-serial"
         result = sliding_window_predict(image, counted, loaded.patch_size, args.overlap, "gaussian",
@@ -367,12 +367,12 @@ def demo_dice(args: argparse.Namespace) -> dict[str, Any]:
     """Segment the MNI template with the demo model in fp32 and bf16 (one process each); Dice of both."""
     code = (
         "import json, sys, time\n"
-        "from UNet3DSegmentLib.tf_runtime import import_tensorflow_quietly\n"
+        "from UNet3DSegmentLib.runtime.tensorflow_setup import import_tensorflow_quietly\n"
         "import_tensorflow_quietly()\n"
-        "from UNet3DSegmentLib.model_io import configure_tensorflow, load_model\n"
-        "from UNet3DSegmentLib.bundled_models import default_model_path\n"
-        "from UNet3DSegmentLib.demo import load_template\n"
-        "from UNet3DSegmentLib.pipeline import SegmentOptions, segment_images\n"
+        "from UNet3DSegmentLib.engine.loading import configure_tensorflow, load_model\n"
+        "from UNet3DSegmentLib.engine.bundled_models import default_model_path\n"
+        "from UNet3DSegmentLib.training.demo import load_template\n"
+        "from UNet3DSegmentLib.engine.pipeline import SegmentOptions, segment_images\n"
         "import numpy as np, SimpleITK as sitk\n"
         "configure_tensorflow('cpu')\n"
         "precision = sys.argv[1]\n"
@@ -428,7 +428,7 @@ def memory_check() -> dict[str, Any]:
     del image
     probe = (
         "import resource, sys, time\n"
-        "from UNet3DSegmentLib.cli import main\n"
+        "from UNet3DSegmentLib.cli.main import main\n"
         "start = time.perf_counter()\n"
         f"code = main(['segment', {str(folder / 'ct.nrrd')!r}, '-o', {str(folder / 'labels.nrrd')!r}, '--model',"
         f" {str(model)!r}, '--overlap', '0', '--batch-size', '4', '--progress', 'none'])\n"
@@ -454,8 +454,8 @@ def oom_check_child(args: argparse.Namespace) -> dict[str, Any]:
     """
     import torch
 
-    from UNet3DSegmentLib.devices import FallbackPredictor
-    from UNet3DSegmentLib.inference import sliding_window_predict
+    from UNet3DSegmentLib.runtime.fallback import FallbackPredictor
+    from UNet3DSegmentLib.engine.window import sliding_window_predict
 
     loaded = load_predictor(args, "bf16")
     if not loaded.device.startswith("gpu") or loaded.backend != "torch":
@@ -512,8 +512,8 @@ def jax_oom_check_child(args: argparse.Namespace) -> dict[str, Any]:
     window on the float32 CPU copy itself; the capped GPU run must fail at every batch size, move to
     that copy, and give exactly the reference.
     """
-    from UNet3DSegmentLib.devices import FallbackPredictor
-    from UNet3DSegmentLib.inference import sliding_window_predict
+    from UNet3DSegmentLib.runtime.fallback import FallbackPredictor
+    from UNet3DSegmentLib.engine.window import sliding_window_predict
 
     loaded = load_predictor(args, "bf16")
     if not loaded.device.startswith("gpu") or loaded.backend != "jax":

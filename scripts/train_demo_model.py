@@ -6,7 +6,7 @@ Recipe (see UNet3DSegmentLib/demo.py for the data derivation):
    (nilearn's package data): inside the brain mask (T1 > 0), argmax of (1 - GM - WM, GM, WM);
 2. transformed copies (random affine, bias field, gamma, intensity scale, noise) for training
    (seeds 1000+), validation (5000+) and evaluation (9000+): disjoint seed ranges;
-3. training with UNet3DSegmentLib.training (seed topology, Dice + cross-entropy, foreground
+3. training with UNet3DSegmentLib.training.loop (seed topology, Dice + cross-entropy, foreground
    over-sampling, per-patch flips / rotations / intensity augmentation, best validation checkpoint);
 4. evaluation through the engine's own pipeline (``pipeline.segment_images``) on the held-out copies
    and on the untransformed template; the per-class Dice figures go into the card's ``training``.
@@ -31,8 +31,8 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import numpy as np  # noqa: E402
 
-from UNet3DSegmentLib.augmentation import AugmentationConfig  # noqa: E402
-from UNet3DSegmentLib.demo import (  # noqa: E402
+from UNet3DSegmentLib.training.augmentation import AugmentationConfig  # noqa: E402
+from UNet3DSegmentLib.training.demo import (  # noqa: E402
     CLASS_NAMES,
     EVALUATION_SEEDS,
     TRAIN_SEEDS,
@@ -66,7 +66,7 @@ def parse_args() -> argparse.Namespace:
 
 
 def make_cases(maps, seeds, card, prefix):
-    from UNet3DSegmentLib.datasets import prepare_case
+    from UNet3DSegmentLib.training.datasets import prepare_case
 
     cases = []
     for seed in seeds:
@@ -94,9 +94,9 @@ def evaluate(model_path: Path, maps, evaluation_seeds) -> dict:
     """Per-class Dice of the model through the engine pipeline, on held-out copies and the template."""
     import SimpleITK as sitk
 
-    from UNet3DSegmentLib.model_io import load_model
-    from UNet3DSegmentLib.pipeline import segment_images
-    from UNet3DSegmentLib.postprocessing import dice_per_class
+    from UNet3DSegmentLib.engine.loading import load_model
+    from UNet3DSegmentLib.engine.pipeline import segment_images
+    from UNet3DSegmentLib.engine.postprocessing import dice_per_class
 
     loaded = load_model(model_path)
     results = {}
@@ -120,9 +120,9 @@ def evaluate(model_path: Path, maps, evaluation_seeds) -> dict:
 
 def main() -> int:
     args = parse_args()
-    from UNet3DSegmentLib.model_card import card_from_dict, card_path_for_model, load_card, save_card
-    from UNet3DSegmentLib.model_io import configure_tensorflow
-    from UNet3DSegmentLib.training import TrainConfig, train
+    from UNet3DSegmentLib.engine.card import card_from_dict, card_path_for_model, load_card, save_card
+    from UNet3DSegmentLib.engine.loading import configure_tensorflow
+    from UNet3DSegmentLib.training.loop import TrainConfig, train
 
     configure_tensorflow("auto")  # all cores intra-op, one inter-op thread: before TensorFlow starts
 

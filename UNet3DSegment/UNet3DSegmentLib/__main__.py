@@ -2,7 +2,7 @@
 
 import sys
 
-from UNet3DSegmentLib.cli import main
+from UNet3DSegmentLib.cli.main import main
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -1,0 +1,376 @@
+"""Every user option, declared once: name, type, default, choices or range, unit and help text.
+
+An option is a field of one of the frozen dataclasses below (``SegmentOptions``, ``JobOptions``,
+``TrainOptions``, ``WebOptions``), written with :func:`option`. The field is the declaration; every
+front end derives from it:
+
+- the command line: ``cli/arguments.py`` turns each field into an argparse argument (flag, type,
+  choices, default and help);
+- the child process the Slicer module and the web page start: :meth:`OptionGroup.to_argv` writes the
+  flags back (only values that differ from the default);
+- the Slicer panel: its parameter node takes ranges, defaults and enums (with labels) from here
+  (``panel_range``, ``choice_enum``), and :meth:`OptionGroup.from_values` reads it back;
+- the web page: ``web/ui.py`` builds a control per option from its kind, choices, labels and range.
+
+Values are checked in ``__post_init__`` by :meth:`Option.check`, so a bad value gets the same
+one-line error (naming the option, what is allowed and what was given) from every front end. Sizes
+(``unit="bytes"``) are ints in bytes in code; text such as ``"6G"`` is parsed by ``units.parse_size``.
+
+Adding a segment option: one field in ``SegmentOptions`` (and the engine code that uses it); for the
+Slicer panel also one ``.ui`` widget and one parameter-node field.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import math
+import typing
+from dataclasses import dataclass
+from typing import Any, ClassVar, Iterable, Mapping, Optional, Sequence, TypeVar
+
+from .errors import BadInputError
+from .units import format_size, parse_size
+
+T = TypeVar("T", bound="OptionGroup")
+BYTES = "bytes"
+
+
+@dataclass(frozen=True)
+class Option:
+    """The declaration of one user option (see the module docstring for who derives what from it)."""
+
+    name: str  # Python name, snake_case; the parameter-node / keyword name is :attr:`camel`
+    kind: type  # bool, int, float or str (sizes: int with unit "bytes")
+    default: Any
+    help: str
+    choices: tuple = ()
+    labels: tuple = ()  # display text of each choice, for panels (default: the choice itself)
+    minimum: Optional[float] = None
+    maximum: Optional[float] = None
+    maximum_exclusive: bool = False  # the range is [minimum, maximum)
+    panel_maximum: Optional[float] = None  # where sliders and spin boxes end (open or exclusive ranges)
+    step: Optional[float] = None  # slider step in panels
+    unit: str = ""
+    flag: str = ""  # command-line flag (default: --name-with-hyphens; bools that default to True: --no-name)
+    metavar: Optional[str] = None
+    label: str = ""  # short text for panels
+    group: str = ""  # which part of a panel or command it belongs to (e.g. "runtime")
+
+    @property
+    def title(self) -> str:
+        """The option as a sentence names it: ``batch size``."""
+        return self.name.replace("_", " ")
+
+    @property
+    def camel(self) -> str:
+        """``batch_size`` -> ``batchSize``: the Slicer parameter-node field and Python keyword name."""
+        first, *rest = self.name.split("_")
+        return first + "".join(part.capitalize() for part in rest)
+
+    @property
+    def cli_flag(self) -> str:
+        if self.flag:
+            return self.flag
+        stem = self.name.replace("_", "-")
+        return f"--no-{stem}" if self.kind is bool and self.default is True else f"--{stem}"
+
+    @property
+    def is_size(self) -> bool:
+        return self.unit == BYTES
+
+    def choice_label(self, value: str) -> str:
+        """Display text of one choice."""
+        return dict(zip(self.choices, self.labels or self.choices)).get(value, str(value))
+
+    def panel_range(self) -> tuple[float, float]:
+        """``(minimum, maximum)`` for a slider or spin box: the range, closed at ``panel_maximum``."""
+        low = self.minimum if self.minimum is not None else 0
+        high = self.panel_maximum if self.panel_maximum is not None else self.maximum
+        if high is None:
+            raise ValueError(f"option {self.name} has no upper bound for a panel")
+        return low, high
+
+    # --- values -------------------------------------------------------------------------------
+    def check(self, value: Any) -> Any:
+        """``value`` as this option's type if allowed, else BadInputError naming the option and the range."""
+        if value is None:
+            if self.default is None:
+                return None
+            raise BadInputError(f"{self.title} must be given, got None")
+        if self.kind is bool:
+            if isinstance(value, bool):
+                return value
+            raise BadInputError(f"{self.title} must be true or false, got {value!r}")
+        if self.choices:
+            text = str(getattr(value, "value", value)).lower()  # enums of the panel carry the value
+            if text not in self.choices:
+                raise BadInputError(f"{self.title} must be one of {', '.join(self.choices)}, got {value!r}")
+            return text
+        if self.kind is str:
+            return str(value)
+        return self._check_number(value)
+
+    def _check_number(self, value: Any) -> Any:
+        if self.is_size and isinstance(value, str):
+            value = parse_size(value)
+        if isinstance(value, bool) or not isinstance(value, (int, float)) and not hasattr(value, "__index__") \
+                and not hasattr(value, "__float__"):
+            raise BadInputError(f"{self.title} must be a number, got {value!r}")
+        if self.kind is int:
+            if isinstance(value, float) and not value.is_integer():
+                raise BadInputError(f"{self.title} must be an integer{self._range_text()}, got {value!r}")
+            number: Any = int(value)
+        else:
+            number = float(value)
+            if math.isnan(number):
+                raise BadInputError(f"{self.title} must be a number{self._range_text()}, got {value!r}")
+        too_low = self.minimum is not None and number < self.minimum
+        too_high = self.maximum is not None and (
+            number >= self.maximum if self.maximum_exclusive else number > self.maximum)
+        if too_low or too_high:
+            raise BadInputError(f"{self.title} must be{self._range_text()}, got {value}")
+        return number
+
+    def _range_text(self) -> str:
+        if self.is_size:
+            return f" at least {format_size(self.minimum)}" if self.minimum and self.minimum > 1 else ""
+        low = "" if self.minimum is None else f" >= {self.minimum:g}"
+        if self.maximum is None:
+            return low
+        high = f" {'<' if self.maximum_exclusive else '<='} {self.maximum:g}"
+        return f"{low} and{high}" if low else high
+
+    def parse(self, text: str) -> Any:
+        """A value from command-line or text-field text (sizes such as ``6G``; empty: the default)."""
+        if self.kind is bool:
+            raise ValueError(f"option {self.name} is a switch and takes no text")
+        text = str(text).strip()
+        if text == "" and self.default is None:
+            return None
+        if self.is_size:
+            return self.check(parse_size(text))
+        if self.kind in (int, float) and not self.choices:
+            try:
+                number = self.kind(text)
+            except ValueError as error:
+                raise BadInputError(f"{self.title} must be {'an integer' if self.kind is int else 'a number'}"
+                                    f"{self._range_text()}, got {text!r}") from error
+            return self.check(number)
+        return self.check(text)
+
+    def format(self, value: Any) -> str:
+        """Command-line text for ``value`` (the inverse of :meth:`parse`)."""
+        if isinstance(value, float):
+            return repr(value)
+        return str(value)
+
+
+def option(default: Any, help: str, **spec: Any) -> Any:
+    """Declare a dataclass field as a user option (type from the annotation, name from the field)."""
+    return dataclasses.field(default=default, metadata={"option": (default, help, spec)})
+
+
+class OptionGroup:
+    """Base of the option dataclasses: the options they declare, checks, and conversions."""
+
+    OPTIONS: ClassVar[dict[str, Option]]
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        cls.OPTIONS = {}  # filled by declares() once the dataclass decorator has run
+
+    def __post_init__(self) -> None:
+        for name, declared in self.OPTIONS.items():
+            object.__setattr__(self, name, declared.check(getattr(self, name)))
+
+    @classmethod
+    def spec(cls, name: str) -> Option:
+        """The declaration of option ``name`` (snake_case or camelCase)."""
+        found = cls.OPTIONS.get(name) or next((o for o in cls.OPTIONS.values() if o.camel == name), None)
+        if found is None:
+            raise BadInputError(f"unknown option {name!r}; known: {', '.join(cls.OPTIONS)}")
+        return found
+
+    @classmethod
+    def options(cls, only: Optional[Iterable[str]] = None, group: Optional[str] = None) -> list[Option]:
+        """The declarations, in field order; ``only`` names some, ``group`` picks one group."""
+        chosen = [cls.spec(n) for n in only] if only is not None else list(cls.OPTIONS.values())
+        return [o for o in chosen if group is None or o.group == group]
+
+    @classmethod
+    def from_values(cls: type[T], values: Mapping[str, Any], base: Optional[T] = None) -> T:
+        """``base`` (default: all defaults) with ``values`` applied; names in snake_case or camelCase.
+
+        Text for numbers and sizes (a panel's text field, ``"6G"``) is parsed; enum members give their
+        value; an empty text for an option without default means "not set".
+        """
+        changed = {}
+        for key, value in values.items():
+            declared = cls.spec(key)
+            if isinstance(value, enum.Enum):
+                value = value.value
+            if isinstance(value, str) and declared.kind is not str:
+                value = declared.parse(value)
+            changed[declared.name] = value
+        return dataclasses.replace(base if base is not None else cls(), **changed)
+
+    def changed(self) -> dict[str, Any]:
+        """Options whose value differs from the declared default."""
+        return {n: getattr(self, n) for n, o in self.OPTIONS.items() if getattr(self, n) != o.default}
+
+    def to_argv(self) -> list[str]:
+        """Command-line flags for the values that differ from the defaults (the child's argv)."""
+        argv: list[str] = []
+        for name, value in self.changed().items():
+            declared = self.OPTIONS[name]
+            if declared.kind is bool:
+                argv.append(declared.cli_flag)  # the flag flips the default
+            else:
+                argv += [declared.cli_flag, declared.format(value)]
+        return argv
+
+
+def declares(cls: type[T]) -> type[T]:
+    """Class decorator (after ``@dataclass``): build ``cls.OPTIONS`` from the fields made by :func:`option`."""
+    hints = typing.get_type_hints(cls)
+    for field in dataclasses.fields(cls):
+        if "option" not in field.metadata:
+            continue
+        default, help_text, spec = field.metadata["option"]
+        kind = spec.pop("kind", None) or _plain_type(hints[field.name])
+        cls.OPTIONS[field.name] = Option(field.name, kind, default, help_text, **spec)
+    return cls
+
+
+def _plain_type(hint: Any) -> type:
+    """``Optional[int]`` -> ``int``."""
+    arguments = [a for a in typing.get_args(hint) if a is not type(None)]
+    return arguments[0] if arguments else hint
+
+
+def choice_enum(declared: Option, class_name: str) -> type[enum.Enum]:
+    """An Enum of the option's choices (member ``FP32`` has value ``"fp32"``) whose ``label()`` is the panel text.
+
+    Slicer's parameter-node wrapper stores enum members and fills a combo box from ``label()``.
+    """
+    members = {value.upper().replace("-", "_"): value for value in declared.choices}
+    made = enum.Enum(class_name, members)
+    labels = dict(zip(declared.choices, declared.labels or declared.choices))
+    made.label = lambda self: labels[self.value]  # type: ignore[attr-defined]
+    return made
+
+
+# ---------------------------------------------------------------------------------------------------
+# The options
+# ---------------------------------------------------------------------------------------------------
+DEVICES = ("auto", "cpu", "gpu")
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+BACKENDS = ("tensorflow", "torch", "jax")
+PROGRESS_MODES = ("bar", "json", "none")
+NORMALIZATIONS = ("zscore-nonzero", "percentile-zscore", "window", "none")
+
+
+@declares
+@dataclass(frozen=True)
+class SegmentOptions(OptionGroup):
+    """How ``segment`` runs: the sliding window, post-processing and the runtime (device, precision...)."""
+
+    overlap: float = option(0.5, "tile overlap in [0, 1)", minimum=0.0, maximum=1.0, maximum_exclusive=True,
+                            panel_maximum=0.95, step=0.05, label="Overlap")
+    batch_size: int = option(2, "patches per model call", minimum=1, panel_maximum=64, label="Batch size")
+    blend: str = option("gaussian", "how overlapping tiles are weighed", choices=("gaussian", "constant"),
+                        labels=("Gaussian", "Constant"), label="Blending")
+    tta: bool = option(False, "mirror test-time augmentation (8x slower)",
+                       label="Test-time augmentation (mirroring, 8x slower)")
+    largest_component: bool = option(False, "keep only the largest connected component of each class",
+                                     label="Keep the largest component per class")
+    device: str = option("auto", "where the model runs (auto: a GPU when the framework sees one)", choices=DEVICES,
+                         labels=("Automatic (GPU if available)", "CPU", "GPU"), label="Device", group="runtime")
+    gpu_index: Optional[int] = option(None, "which GPU to use on a machine with several (default 0)", kind=int,
+                                      minimum=0, flag="--gpu", metavar="N", group="runtime")
+    threads: Optional[int] = option(None, "CPU threads (default: all cores)", kind=int, minimum=1, group="runtime")
+    precision: str = option("auto", "arithmetic of the network (auto: bf16 on GPUs and on CPUs with "
+                            "AVX512-BF16/AMX, else fp32); the softmax output stays float32", choices=PRECISIONS,
+                            labels=("Automatic", "float32", "bfloat16", "float16"), label="Precision",
+                            group="runtime")
+    backend: str = option("tensorflow", "Keras backend that runs the model (torch and jax are optional installs)",
+                          choices=BACKENDS, labels=("TensorFlow", "PyTorch", "JAX"), label="Framework",
+                          group="runtime")
+    accumulation: str = option("float32", "dtype of the blended class sums (float16 halves that buffer)",
+                               choices=("float32", "float16"), group="runtime")
+    max_memory: Optional[int] = option(
+        None, "budget such as 4G or 512M for the full-volume probability arrays, needed only to resample or "
+        "write probabilities (default: half the machine's memory); above it the labelmap is resampled instead. "
+        "Blending always works in z slabs", kind=int, unit=BYTES, minimum=1, metavar="SIZE", group="runtime")
+    gpu_memory_limit: Optional[int] = option(
+        None, "most GPU memory this run may take, such as 6G (tensorflow and torch backends; default: what it "
+        "needs). Beyond it the run retries with smaller batches, then on the CPU", kind=int, unit=BYTES,
+        minimum=2 ** 20, metavar="SIZE", label="GPU memory limit", group="runtime")
+
+
+@declares
+@dataclass(frozen=True)
+class JobOptions(OptionGroup):
+    """Options of a command's job rather than of the segmentation: model, outputs, progress display."""
+
+    model: Optional[str] = option(None, "model .keras/.h5/SavedModel folder (default: bundled demo model)", kind=str,
+                                  metavar="PATH")
+    overwrite: bool = option(False, "replace existing output files")
+    progress: str = option("bar", "progress display: terminal bar, JSON lines on stdout, or none",
+                           choices=PROGRESS_MODES)
+
+
+@declares
+@dataclass(frozen=True)
+class TrainOptions(OptionGroup):
+    """``train``: the network, the data's description when no card is given, and the training loop."""
+
+    card: Optional[str] = option(None, "model card to start from (channels, classes, spacing, normalisation)",
+                                 kind=str)
+    classes: Optional[str] = option(None, "comma-separated class names, background first (default: from --card, "
+                                    "else Background, Class 1.. up to the highest label)", kind=str)
+    channels: str = option("image", "comma-separated channel names")
+    spacing: str = option("native", "'native' or x,y,z mm to resample to")
+    normalization: str = option("zscore-nonzero", "intensity normalisation; use --card for 'window'",
+                                choices=tuple(n for n in NORMALIZATIONS if n != "window"))
+    crop_to_nonzero: bool = option(False, "crop inputs to their non-zero box")
+    patch: str = option("64", "patch size z,y,x or one side, multiples of 8")
+    base_filters: int = option(16, "filters of the first level (seed: 32)", minimum=1)
+    epochs: int = option(20, "training epochs", minimum=1)
+    steps_per_epoch: int = option(50, "training steps per epoch", minimum=1)
+    batch_size: int = option(1, "patches per training step", minimum=1)
+    learning_rate: float = option(1e-3, "Adam learning rate", minimum=0.0)
+    validation_fraction: float = option(0.2, "share of cases held out for validation", minimum=0.0, maximum=1.0,
+                                        maximum_exclusive=True)
+    validation_patches: int = option(8, "patches per validation case", minimum=1)
+    foreground_probability: float = option(0.67, "share of patches centred on a foreground voxel", minimum=0.0,
+                                           maximum=1.0)
+    augmentation: bool = option(True, "flips, rotations and intensity changes (--no-augmentation: none)")
+    seed: int = option(0, "random seed (same seed, same run)")
+    mixed_precision: str = option("auto", "bfloat16 compute (auto: where the CPU or GPU supports it)",
+                                  choices=("auto", "on", "off"))
+    resume: bool = option(False, "continue from OUTPUT's .checkpoint/ folder")
+
+
+@declares
+@dataclass(frozen=True)
+class WebOptions(OptionGroup):
+    """``web``: where the page is served and what it accepts."""
+
+    host: str = option("127.0.0.1", "address to listen on (127.0.0.1: this machine only)")
+    port: int = option(8080, "port (0: any free port)", minimum=0, maximum=65535)
+    max_upload_mb: float = option(512.0, "largest volume file accepted from the browser", unit="MB",
+                                  minimum=1.0)
+    demo_downsample: int = option(1, "load the demo MRI block-averaged by this factor (tests, slow machines)",
+                                  minimum=1)
+
+
+def panel_range(name: str) -> tuple[float, float]:
+    """``(minimum, maximum)`` of a segment option for the Slicer panel's ``WithinRange``."""
+    return SegmentOptions.spec(name).panel_range()
+
+
+def segment_defaults(names: Sequence[str]) -> dict[str, Any]:
+    """Declared defaults of some segment options, by name."""
+    return {name: SegmentOptions.spec(name).default for name in names}

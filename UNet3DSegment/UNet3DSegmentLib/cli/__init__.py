@@ -1,0 +1,1 @@
+"""Command line layer: ``unet3d-segment`` and its sub-commands (one module per command)."""

@@ -1,0 +1,92 @@
+"""``unet3d-segment web``: serve the browser front end (trame-slicer) on this machine.
+
+Needs the ``web`` extra (``pip install 'unet3dsegment[web]'``: trame-slicer with its own
+slicer-core). trame and Slicer are imported inside ``run`` only, so ``--help`` stays instant and the
+engine's command line works without them. Binds 127.0.0.1 unless ``--host`` says otherwise: the page
+can read model files on the server and start processes there, so expose it only on trusted networks.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sys
+from pathlib import Path
+
+from ..base.errors import BadInputError, BadModelError
+
+DEFAULT_HOST = "127.0.0.1"
+DEFAULT_PORT = 8080
+
+
+def _port(text: str) -> int:
+    value = int(text)
+    if not 0 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"port must be 0-65535 (0: any free port), got {text}")
+    return value
+
+
+def _positive(kind):
+    def parse(text: str):
+        value = kind(text)
+        if value <= 0:
+            raise argparse.ArgumentTypeError(f"must be positive, got {text}")
+        return value
+
+    return parse
+
+
+def add_parser(subparsers: argparse._SubParsersAction) -> None:
+    """Register the ``web`` sub-command."""
+    parser = subparsers.add_parser(
+        "web",
+        help="serve the browser front end (needs the 'web' extra)",
+        description="Serve a web page (trame-slicer) to load a volume or the demo MRI, segment it with a model "
+        "in a child process, view the result in slice and 3D views and download it as .seg.nrrd.",
+    )
+    parser.add_argument("--host", default=DEFAULT_HOST,
+                        help=f"address to listen on (default {DEFAULT_HOST}: this machine only)")
+    parser.add_argument("--port", type=_port, default=DEFAULT_PORT, help=f"port (default {DEFAULT_PORT}; 0: any)")
+    parser.add_argument("--model", type=Path, help="preselected model (default: the bundled demo model)")
+    parser.add_argument("--max-upload-mb", type=_positive(float), default=512.0,
+                        help="largest volume file accepted from the browser, in MB (default 512)")
+    parser.add_argument("--demo-downsample", type=_positive(int), default=1,
+                        help="load the demo MRI block-averaged by this factor (tests, slow machines; default 1)")
+    parser.set_defaults(run=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    """Start the server; returns when it stops (Ctrl+C, SIGTERM)."""
+    if args.model is not None and not args.model.exists():
+        raise BadModelError(f"model {args.model} not found; pass an existing .keras/.h5 file or SavedModel folder")
+    try:
+        from trame.app import get_server
+        from trame.app.asynchronous import create_task
+
+        from ..web.app import UNet3DSegmentWebApp
+    except ImportError as error:
+        raise BadInputError(
+            f"the web front end needs trame-slicer ({error}); install it with pip install 'unet3dsegment[web]'"
+        ) from error
+
+    # trame reads sys.argv for its own options: give it none, ours are passed explicitly below.
+    sys.argv = sys.argv[:1]
+    server = get_server("unet3dsegment-web", client_type="vue3")
+    app = UNet3DSegmentWebApp(server=server, model=args.model, demo_downsample=args.demo_downsample,
+                              max_upload_mb=args.max_upload_mb)
+    cancel = getattr(args, "cancel", None)
+
+    async def stop_on_cancel() -> None:
+        # cli.main turns SIGTERM into args.cancel: stop the server then (the app ends its job on close).
+        while cancel is not None and not cancel.is_set():
+            await asyncio.sleep(0.25)
+        await server.stop()
+
+    tasks = []  # asyncio holds tasks only weakly
+    if cancel is not None:
+        server.controller.on_server_ready.add(lambda **_: tasks.append(create_task(stop_on_cancel())))
+    try:
+        server.start(host=args.host, port=args.port, open_browser=False, timeout=0)
+    finally:
+        app.close()
+    return 0

@@ -1,0 +1,425 @@
+"""Run the engine's command line as a child process and follow it without blocking.
+
+The Slicer module never runs TensorFlow in Slicer's own process: a crash, a GPU driver problem or a
+memory blow-up must not take the application down, and the user must be able to cancel at any time.
+``EngineProcess`` starts ``<python> -m UNet3DSegmentLib ...`` in its own process group, reads its
+JSON-lines progress (docs/ARCHITECTURE.md) on a thread into a queue that the caller drains with
+``poll()`` from its own thread (Slicer: a QTimer; headless code: a loop), collects stderr, ends the
+whole process tree on ``cancel()``, and turns the exit status into one of the engine's error kinds
+with the child's own one-line message.
+
+No ``slicer`` and no ``qt`` here: the same class serves the Slicer module, tests and scripts.
+"""
+
+from __future__ import annotations
+
+import collections
+import json
+import os
+import queue
+import signal
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO, Any, Mapping, Optional, Sequence, Union
+
+from ..runtime.backends import validate_backend
+from ..base.errors import (
+    EXIT_BAD_INPUT,
+    EXIT_BAD_MODEL,
+    EXIT_CANCELLED,
+    EXIT_OK,
+    EXIT_OUT_OF_MEMORY,
+    BadInputError,
+    BadModelError,
+    CancelledError,
+    OutOfMemoryError,
+    UNet3DSegmentError,
+)
+from ..engine.memory import parse_size
+
+PathLike = Union[str, Path]
+Event = dict[str, Any]
+
+ENGINE_MODULE = "UNet3DSegmentLib"
+MODULE_DIR = Path(__file__).resolve().parents[2]  # the folder that holds UNet3DSegmentLib/
+STDERR_LINES_KEPT = 200
+DEFAULT_GRACE_SECONDS = 5.0
+
+_ERRORS_BY_EXIT_CODE: dict[int, type[UNet3DSegmentError]] = {
+    EXIT_BAD_INPUT: BadInputError,
+    EXIT_BAD_MODEL: BadModelError,
+    EXIT_CANCELLED: CancelledError,
+    EXIT_OUT_OF_MEMORY: OutOfMemoryError,
+}
+
+
+@dataclass(frozen=True)
+class EngineOptions:
+    """Options of ``segment`` that the caller sets; ``None`` leaves the engine's own default."""
+
+    overlap: Optional[float] = None
+    batch_size: Optional[int] = None
+    blend: Optional[str] = None
+    tta: bool = False
+    device: str = "auto"
+    precision: str = "auto"
+    largest_component: bool = False
+    backend: str = "tensorflow"
+    gpu_index: Optional[int] = None
+    gpu_memory_limit: Optional[str] = None  # a size such as "6G"
+    max_memory: Optional[str] = None  # a size such as "4G"
+    accumulation: str = "float32"
+    extra_arguments: Sequence[str] = field(default_factory=tuple)
+
+    def arguments(self) -> list[str]:
+        """Command-line flags for these options (defaults are left out, so the engine decides)."""
+        args: list[str] = []
+        if self.overlap is not None:
+            if not 0.0 <= float(self.overlap) < 1.0:
+                raise BadInputError(f"overlap must be >= 0 and < 1, got {self.overlap}")
+            args += ["--overlap", repr(float(self.overlap))]
+        if self.batch_size is not None:
+            if int(self.batch_size) < 1:
+                raise BadInputError(f"batch size must be a positive integer, got {self.batch_size}")
+            args += ["--batch-size", str(int(self.batch_size))]
+        if self.blend is not None:
+            args += ["--blend", _choice("blend", self.blend, ("gaussian", "constant"))]
+        if self.tta:
+            args.append("--tta")
+        if self.device != "auto":
+            args += ["--device", _choice("device", self.device, ("auto", "cpu", "gpu"))]
+        if self.precision != "auto":
+            args += ["--precision", _choice("precision", self.precision, ("auto", "fp32", "bf16", "fp16"))]
+        if self.largest_component:
+            args.append("--largest-component")
+        if self.backend != "tensorflow":
+            args += ["--backend", validate_backend(str(self.backend).lower())]
+        if self.gpu_index is not None:
+            if not str(self.gpu_index).isdigit():
+                raise BadInputError(f"GPU index must be an integer >= 0, got {self.gpu_index!r}")
+            args += ["--gpu", str(int(self.gpu_index))]
+        for flag, size in (("--gpu-memory-limit", self.gpu_memory_limit), ("--max-memory", self.max_memory)):
+            if size is not None:
+                parse_size(str(size))  # a bad size is the caller's one-line error, not the child's
+                args += [flag, str(size).strip()]
+        if self.accumulation != "float32":
+            args += ["--accumulation", _choice("accumulation", self.accumulation, ("float32", "float16"))]
+        return args + [str(a) for a in self.extra_arguments]
+
+
+def _choice(name: str, value: str, allowed: Sequence[str]) -> str:
+    value = str(value).lower()
+    if value not in allowed:
+        raise BadInputError(f"{name} must be one of {', '.join(allowed)}, got {value!r}")
+    return value
+
+
+def segment_command(
+    python_executable: PathLike,
+    inputs: Sequence[PathLike],
+    output: PathLike,
+    model: Optional[PathLike] = None,
+    options: EngineOptions = EngineOptions(),
+) -> list[str]:
+    """The argument list that runs ``segment`` with JSON-lines progress on stdout."""
+    if not inputs:
+        raise BadInputError("no input volume given; pass one volume per model channel")
+    command = [str(python_executable), "-m", ENGINE_MODULE, "segment"]
+    command += [str(p) for p in inputs]
+    command += ["-o", str(output)]
+    if model is not None:
+        command += ["--model", str(model)]
+    return command + options.arguments() + ["--progress", "json"]
+
+
+def engine_environment(
+    base: Optional[Mapping[str, str]] = None, module_dir: PathLike = MODULE_DIR
+) -> dict[str, str]:
+    """Environment for the child: ``base`` (default: ours) with the engine importable and UTF-8 I/O."""
+    env = dict(os.environ if base is None else base)
+    paths = [str(module_dir)] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p]
+    env["PYTHONPATH"] = os.pathsep.join(dict.fromkeys(paths))
+    env["PYTHONIOENCODING"] = "utf-8"
+    env["PYTHONUNBUFFERED"] = "1"
+    env.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    return env
+
+
+def error_for_exit(
+    returncode: Optional[int],
+    last_error: Optional[Event] = None,
+    stderr_tail: Sequence[str] = (),
+    cancelled: bool = False,
+) -> Optional[UNet3DSegmentError]:
+    """The engine error kind for a finished child, with one clear line; ``None`` on success.
+
+    The child's last ``error`` event gives the message; without one, the last stderr line does.
+    A child ended by a signal is "cancelled" when we asked for it, an internal error otherwise.
+    """
+    if returncode == EXIT_OK and not cancelled:
+        return None
+    if cancelled or returncode == EXIT_CANCELLED:
+        return CancelledError("segmentation cancelled; nothing was added to the scene")
+    message = ""
+    if last_error is not None:
+        message = _one_line(last_error.get("message", ""))
+    if not message:
+        message = next((_one_line(line) for line in reversed(stderr_tail) if line.strip()), "")
+    if returncode is not None and returncode < 0:
+        name = _signal_name(-returncode)
+        return UNet3DSegmentError(
+            f"engine was killed by {name} (often: out of memory){': ' + message if message else ''}; "
+            "try a smaller batch size or the CPU device"
+        )
+    kind = _ERRORS_BY_EXIT_CODE.get(int(returncode or 0), UNet3DSegmentError)
+    if not message:
+        message = f"engine failed with exit code {returncode} and no message; run it in a terminal to see why"
+    error = kind(message)
+    if kind is UNet3DSegmentError:
+        error.exit_code = int(returncode) if returncode is not None else error.exit_code
+    return error
+
+
+def _one_line(text: Any) -> str:
+    return " ".join(str(text).split())
+
+
+def _signal_name(number: int) -> str:
+    try:
+        return signal.Signals(number).name
+    except ValueError:
+        return f"signal {number}"
+
+
+class EngineProcess:
+    """One running engine child: progress events in, cancel out, error kind at the end.
+
+    Use ``EngineProcess.start(command, env=...)``; then call ``poll()`` regularly (it never blocks)
+    until ``finished``; ``wait()`` blocks; ``error()`` gives the failure, if any, as an exception.
+    """
+
+    def __init__(self, popen: subprocess.Popen, command: Sequence[str]) -> None:
+        self._popen = popen
+        self.command = list(command)
+        self._events: queue.Queue = queue.Queue()
+        self._stderr: collections.deque = collections.deque(maxlen=STDERR_LINES_KEPT)
+        self._stdout_other: collections.deque = collections.deque(maxlen=STDERR_LINES_KEPT)
+        self._lock = threading.Lock()
+        self._cancelled = False
+        self._kill_deadline: Optional[float] = None
+        self._group_killed = False
+        self.last_event: Optional[Event] = None
+        self.last_error: Optional[Event] = None
+        self.done_event: Optional[Event] = None
+        self._readers = [
+            threading.Thread(target=self._read_stdout, args=(popen.stdout,), daemon=True),
+            threading.Thread(target=self._read_stderr, args=(popen.stderr,), daemon=True),
+        ]
+        for reader in self._readers:
+            reader.start()
+
+    @classmethod
+    def start(
+        cls,
+        command: Sequence[str],
+        env: Optional[Mapping[str, str]] = None,
+        cwd: Optional[PathLike] = None,
+    ) -> EngineProcess:
+        """Start ``command`` in a new process group (session on POSIX), stdout/stderr piped."""
+        kwargs: dict[str, Any] = {}
+        if os.name == "nt":
+            kwargs["creationflags"] = subprocess.CREATE_NEW_PROCESS_GROUP | subprocess.CREATE_NO_WINDOW
+        else:
+            kwargs["start_new_session"] = True
+        try:
+            popen = subprocess.Popen(
+                [str(c) for c in command],
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                env=None if env is None else dict(env),
+                cwd=None if cwd is None else str(cwd),
+                encoding="utf-8",
+                errors="replace",
+                bufsize=1,
+                **kwargs,
+            )
+        except FileNotFoundError as error:
+            raise BadInputError(
+                f"Python executable {command[0]} not found; choose an existing interpreter "
+                "(Advanced > Python environment) or leave it empty to use Slicer's own"
+            ) from error
+        except OSError as error:
+            raise BadInputError(f"cannot start the engine with {command[0]} ({error}); check that it is a Python "
+                                "executable") from error
+        return cls(popen, command)
+
+    # --- reading (worker threads) -------------------------------------------------------------
+    def _read_stdout(self, stream: IO[str]) -> None:
+        for line in iter(stream.readline, ""):
+            event = _parse_event(line)
+            if event is None:
+                if line.strip():
+                    self._stdout_other.append(line.rstrip("\n"))
+                continue
+            with self._lock:
+                self.last_event = event
+                if event.get("stage") == "error":
+                    self.last_error = event
+                elif event.get("stage") == "done":
+                    self.done_event = event
+            self._events.put(event)
+        stream.close()
+
+    def _read_stderr(self, stream: IO[str]) -> None:
+        for line in iter(stream.readline, ""):
+            self._stderr.append(line.rstrip("\n"))
+        stream.close()
+
+    # --- state ----------------------------------------------------------------------------------
+    @property
+    def pid(self) -> int:
+        return self._popen.pid
+
+    @property
+    def returncode(self) -> Optional[int]:
+        """Exit status once the child has ended (negative: killed by that signal on POSIX)."""
+        return self._popen.poll()
+
+    @property
+    def finished(self) -> bool:
+        """True once the child has exited and all its output has been read."""
+        return self._popen.poll() is not None and not any(r.is_alive() for r in self._readers)
+
+    @property
+    def cancelled(self) -> bool:
+        return self._cancelled
+
+    @property
+    def stderr_tail(self) -> list[str]:
+        """The last lines the child wrote on stderr (and non-JSON lines of stdout)."""
+        return list(self._stdout_other) + list(self._stderr)
+
+    @property
+    def output(self) -> Optional[Path]:
+        """The output path the child reported in its ``done`` event."""
+        if self.done_event and self.done_event.get("output"):
+            return Path(self.done_event["output"])
+        return None
+
+    def poll(self) -> list[Event]:
+        """Progress events received since the last call, oldest first; never blocks."""
+        self._escalate()
+        events = []
+        while True:
+            try:
+                events.append(self._events.get_nowait())
+            except queue.Empty:
+                return events
+
+    def wait(self, timeout: Optional[float] = None) -> Optional[int]:
+        """Block until the child has ended and its output is read; the exit code, or None on timeout.
+
+        After a cancel request, the group's SIGKILL is sent from here when its time comes.
+        """
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            step = None
+            if self._kill_deadline is not None and not self._group_killed:
+                step = max(0.0, self._kill_deadline - time.monotonic())
+            if deadline is not None:
+                remaining = max(0.0, deadline - time.monotonic())
+                step = remaining if step is None else min(step, remaining)
+            try:
+                self._popen.wait(step)
+                break
+            except subprocess.TimeoutExpired:
+                self._escalate()
+                if deadline is not None and time.monotonic() >= deadline:
+                    return None
+        self._escalate()
+        for reader in self._readers:
+            reader.join(None if deadline is None else max(0.0, deadline - time.monotonic()))
+        return self._popen.returncode
+
+    def error(self) -> Optional[UNet3DSegmentError]:
+        """After the end: the failure as an engine error kind, or None when the run succeeded."""
+        if self._popen.poll() is None:
+            return None
+        with self._lock:
+            last_error = self.last_error
+        error = error_for_exit(self._popen.returncode, last_error, self.stderr_tail, self._cancelled)
+        if error is None and self.output is None:
+            return UNet3DSegmentError("engine exited without reporting its output; run it in a terminal to see why")
+        return error
+
+    # --- cancel ---------------------------------------------------------------------------------
+    def request_cancel(self, grace_seconds: float = DEFAULT_GRACE_SECONDS) -> None:
+        """Start ending the child and everything it started, without waiting (GUI thread safe).
+
+        POSIX: SIGTERM to the process group now (the engine cleans up and exits 5); ``poll()`` and
+        ``wait()`` send SIGKILL to whatever is left of the group once the child has exited or
+        ``grace_seconds`` have passed. Windows: ``taskkill /T /F`` on the tree at once.
+        """
+        if self._popen.poll() is None:
+            self._cancelled = True  # a run that already ended keeps its own result
+        if self._kill_deadline is not None:
+            return
+        self._kill_deadline = time.monotonic() + grace_seconds
+        if os.name == "nt":
+            self._cancel_windows()
+        elif self._popen.poll() is None:
+            _kill_group(self._popen.pid, signal.SIGTERM)
+
+    def cancel(self, grace_seconds: float = DEFAULT_GRACE_SECONDS) -> None:
+        """End the child's whole process tree and return once it is gone (``request_cancel`` + wait)."""
+        self.request_cancel(grace_seconds)
+        self.wait(timeout=grace_seconds + 5.0)
+
+    def _escalate(self) -> None:
+        """After a cancel request: SIGKILL the group once the child is gone or the grace time is over."""
+        if self._kill_deadline is None or self._group_killed or os.name == "nt":
+            return
+        if self._popen.poll() is not None or time.monotonic() >= self._kill_deadline:
+            # Grandchildren may outlive the child (or ignore SIGTERM): the group goes in any case.
+            _kill_group(self._popen.pid, signal.SIGKILL)  # start_new_session: the child leads its group
+            self._group_killed = True
+
+    def _cancel_windows(self) -> None:
+        if self._popen.poll() is None:
+            subprocess.run(
+                ["taskkill", "/PID", str(self._popen.pid), "/T", "/F"],
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+                creationflags=getattr(subprocess, "CREATE_NO_WINDOW", 0),
+                check=False,
+            )
+
+
+def _kill_group(group: int, sig: int) -> None:
+    try:
+        os.killpg(group, sig)
+    except (ProcessLookupError, PermissionError):
+        pass  # the group is already gone
+
+
+def _parse_event(line: str) -> Optional[Event]:
+    line = line.strip()
+    if not line.startswith("{"):
+        return None
+    try:
+        event = json.loads(line)
+    except ValueError:
+        return None
+    if isinstance(event, dict) and isinstance(event.get("stage"), str):
+        return event
+    return None
+
+
+def default_python_executable() -> Path:
+    """The interpreter running us; Slicer passes its PythonSlicer instead."""
+    return Path(sys.executable)

@@ -1,0 +1,575 @@
+"""Model cards: the JSON file beside a model that says what goes in, what comes out, and how.
+
+A card (``<model>.json`` beside ``<model>.keras|.h5`` or beside a SavedModel folder ``<model>/``)
+names the input channels, patch size, spacing, orientation and normalisation the network was trained
+with, and the class behind each output channel (name, colour, optional DICOM terminology). The format
+is described in docs/ARCHITECTURE.md; this module parses it into frozen dataclasses and rejects
+anything it does not understand, naming the field, because a typo silently ignored would change the
+segmentation without a word.
+
+Axis order: ``patch_size`` is ``(z, y, x)`` like the network tensors; ``spacing`` is ``(x, y, z)`` in
+mm like SimpleITK and Slicer.
+"""
+
+from __future__ import annotations
+
+import copy
+import difflib
+import json
+import math
+import os
+import re
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, Mapping, Optional, Tuple, Union
+
+from ..base.errors import BadModelError
+
+FORMAT_VERSION = 1
+PATCH_MULTIPLE = 8  # three 2x2x2 poolings in the seed network
+NATIVE = "native"
+SEED_ARCHITECTURE = "unet3d-seed"
+
+# Slicer's default terminology context and anatomic context names (vtkSegment's default terminology).
+SLICER_TERMINOLOGY_CONTEXT = "Segmentation category and type - 3D Slicer General Anatomy list"
+SLICER_ANATOMIC_CONTEXT = "Anatomic codes - DICOM master list"
+
+# Normalisation methods and their parameters with defaults (None: the parameter is required).
+NORMALIZATION_PARAMETERS: Dict[str, Dict[str, Optional[float]]] = {
+    "zscore-nonzero": {},
+    "percentile-zscore": {"lower": 0.5, "upper": 99.5},
+    "window": {"min": None, "max": None},
+    "none": {},
+}
+
+# Colours for cards without colours: Slicer's GenericAnatomyColors 1-10 (tissue, bone, skin, ...).
+DEFAULT_COLORS = (
+    "#80ae80", "#f1d691", "#b17a65", "#6fb8d2", "#d8654f",
+    "#dd8265", "#90ee90", "#c06858", "#dcf514", "#4e3f00",
+)
+BACKGROUND_COLOR = "#000000"
+
+CodeTriplet = Tuple[str, str, str]
+_COLOR_PATTERN = re.compile(r"^#[0-9a-fA-F]{6}$")
+# Characters with a meaning in Slicer's serialised terminology ("~", "^") and segment tags ("|"),
+# plus line breaks, which a NRRD header field cannot hold.
+_CODE_FORBIDDEN = set("~^|\n\r")
+
+
+@dataclass(frozen=True)
+class Terminology:
+    """DICOM code triplets ``(coding scheme designator, code value, code meaning)`` of one class."""
+
+    category: CodeTriplet
+    type: CodeTriplet
+    type_modifier: Optional[CodeTriplet] = None
+
+    def to_slicer_string(
+        self,
+        context_name: str = SLICER_TERMINOLOGY_CONTEXT,
+        anatomic_context_name: str = SLICER_ANATOMIC_CONTEXT,
+    ) -> str:
+        """Slicer's serialised terminology entry, as in a ``.seg.nrrd`` ``TerminologyEntry`` tag.
+
+        Seven ``~``-separated parts (vtkSlicerTerminologiesModuleLogic::SerializeTerminologyEntry):
+        context name, category, type, type modifier, anatomic context name, anatomic region, region
+        modifier; each code is ``scheme^value^meaning`` and an absent one is ``^^``.
+        """
+        modifier = "^".join(self.type_modifier) if self.type_modifier else "^^"
+        parts = [
+            context_name,
+            "^".join(self.category),
+            "^".join(self.type),
+            modifier,
+            anatomic_context_name,
+            "^^",
+            "^^",
+        ]
+        return "~".join(parts)
+
+    def to_dict(self) -> Dict[str, Any]:
+        """The card's JSON form: lists of three strings."""
+        result: Dict[str, Any] = {"category": list(self.category), "type": list(self.type)}
+        if self.type_modifier is not None:
+            result["type_modifier"] = list(self.type_modifier)
+        return result
+
+
+@dataclass(frozen=True)
+class ClassInfo:
+    """One output channel / label value: display name, ``#rrggbb`` colour, optional terminology."""
+
+    name: str
+    color: str
+    terminology: Optional[Terminology] = None
+
+    @property
+    def rgb01(self) -> Tuple[float, float, float]:
+        """The colour as ``(r, g, b)`` floats in 0..1, as Slicer's segments take it."""
+        return tuple(int(self.color[i : i + 2], 16) / 255.0 for i in (1, 3, 5))  # type: ignore[return-value]
+
+    def to_dict(self) -> Dict[str, Any]:
+        result: Dict[str, Any] = {"name": self.name, "color": self.color}
+        if self.terminology is not None:
+            result["terminology"] = self.terminology.to_dict()
+        return result
+
+
+@dataclass(frozen=True)
+class Normalization:
+    """Intensity normalisation applied per channel; ``params`` hold every parameter, defaults filled."""
+
+    method: str = "zscore-nonzero"
+    params: Dict[str, float] = field(default_factory=dict)
+
+    def to_dict(self) -> Dict[str, Any]:
+        return {"method": self.method, **self.params}
+
+
+@dataclass(frozen=True)
+class NetworkSpec:
+    """How to rebuild the architecture (needed only for weights-only ``.h5`` files)."""
+
+    architecture: str = SEED_ARCHITECTURE
+    base_filters: int = 32
+    dropout_rate: float = 0.15
+
+    def to_dict(self) -> Dict[str, Any]:
+        return {"architecture": self.architecture, "base_filters": self.base_filters,
+                "dropout_rate": self.dropout_rate}
+
+
+@dataclass(frozen=True)
+class InputSpec:
+    """What the network takes: channel names, patch ``(z, y, x)``, grid and intensity preparation.
+
+    ``spacing`` is ``"native"`` or ``(x, y, z)`` mm; ``orientation`` is ``"native"`` or a 3-letter
+    SimpleITK ``DICOMOrient`` code such as ``"LPS"``.
+    """
+
+    channels: Tuple[str, ...]
+    patch_size: Tuple[int, int, int]
+    spacing: Union[str, Tuple[float, float, float]] = NATIVE
+    orientation: str = NATIVE
+    normalization: Normalization = field(default_factory=Normalization)
+    crop_to_nonzero: bool = False
+
+    def to_dict(self) -> Dict[str, Any]:
+        return {
+            "channels": list(self.channels),
+            "patch_size": list(self.patch_size),
+            "spacing": self.spacing if isinstance(self.spacing, str) else list(self.spacing),
+            "orientation": self.orientation,
+            "normalization": self.normalization.to_dict(),
+            "crop_to_nonzero": self.crop_to_nonzero,
+        }
+
+
+@dataclass(frozen=True)
+class ModelCard:
+    """A validated model card. Build it with ``load_card``, ``card_from_dict`` or ``default_card``."""
+
+    name: str
+    input: InputSpec
+    classes: Tuple[ClassInfo, ...]
+    version: str = ""
+    description: str = ""
+    intended_use: str = ""
+    network: NetworkSpec = field(default_factory=NetworkSpec)
+    training: Dict[str, Any] = field(default_factory=dict)
+    format_version: int = FORMAT_VERSION
+
+    @property
+    def patch_size(self) -> Tuple[int, int, int]:
+        return self.input.patch_size
+
+    @property
+    def in_channels(self) -> int:
+        return len(self.input.channels)
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
+
+    @property
+    def class_names(self) -> Tuple[str, ...]:
+        return tuple(c.name for c in self.classes)
+
+    def to_dict(self) -> Dict[str, Any]:
+        """The card as JSON-ready data, keys in the documented order."""
+        return {
+            "format_version": self.format_version,
+            "name": self.name,
+            "version": self.version,
+            "description": self.description,
+            "intended_use": self.intended_use,
+            "network": self.network.to_dict(),
+            "input": self.input.to_dict(),
+            "classes": [c.to_dict() for c in self.classes],
+            "training": copy.deepcopy(self.training),
+        }
+
+
+# --------------------------------------------------------------------------------------------------
+# Parsing and validation
+
+
+class _Fields:
+    """Reads fields of one card, raising ``BadModelError`` that names the card and the field."""
+
+    def __init__(self, source: str) -> None:
+        self.source = source
+
+    def fail(self, where: str, problem: str) -> BadModelError:
+        return BadModelError(f"model card {self.source}: {where} {problem}")
+
+    def object(self, value: Any, where: str, required: tuple, optional: tuple) -> Dict[str, Any]:
+        """Check ``value`` is a JSON object with the required keys and no unknown ones."""
+        if not isinstance(value, dict):
+            raise self.fail(where, f"must be a JSON object, got {_show(value)}")
+        allowed = required + optional
+        for key in value:
+            if key not in allowed:
+                prefix = f"{where}." if where != "card" else ""
+                close = difflib.get_close_matches(str(key), allowed, n=1)
+                hint = f"did you mean {close[0]!r}? " if close else ""
+                raise self.fail(
+                    f"{prefix}{key}", f"is not a known field; {hint}allowed: {', '.join(allowed)}"
+                )
+        for key in required:
+            if key not in value:
+                prefix = f"{where}." if where != "card" else ""
+                raise self.fail(f"{prefix}{key}", "is missing; add it (see the model card format)")
+        return value
+
+    def text(self, value: Any, where: str, allow_empty: bool = False, one_line: bool = True) -> str:
+        """A string; names must be one line (they end up in NRRD header fields)."""
+        if not isinstance(value, str) or (not allow_empty and not value.strip()):
+            kind = "a string" if allow_empty else "a non-empty string"
+            raise self.fail(where, f"must be {kind}, got {_show(value)}")
+        if one_line and ("\n" in value or "\r" in value):
+            raise self.fail(where, "must be one line (no line breaks)")
+        return value
+
+    def integer(self, value: Any, where: str, minimum: int) -> int:
+        if not _is_int(value) or value < minimum:
+            raise self.fail(where, f"must be an integer >= {minimum}, got {_show(value)}")
+        return value
+
+    def number(self, value: Any, where: str) -> float:
+        if not _is_number(value):
+            raise self.fail(where, f"must be a finite number, got {_show(value)}")
+        return float(value)
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: Any) -> bool:
+    """A finite JSON number (``true``/``false`` are not numbers here)."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _show(value: Any) -> str:
+    """A short JSON rendering of a bad value for error messages."""
+    try:
+        text = json.dumps(value)
+    except (TypeError, ValueError):
+        text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def card_from_dict(data: Mapping[str, Any], source: str = "(in memory)") -> ModelCard:
+    """Validate card data (parsed JSON) and return a ``ModelCard``.
+
+    ``source`` names the card in error messages (the file name when loaded from disk). Raises
+    ``BadModelError`` naming the first bad field, e.g. ``input.patch_size must be three multiples of
+    8 (z, y, x), got [15, 16, 16]``.
+    """
+    f = _Fields(source)
+    data = f.object(
+        data, "card",
+        required=("format_version", "name", "input", "classes"),
+        optional=("version", "description", "intended_use", "network", "training"),
+    )
+    version = data["format_version"]
+    if not _is_int(version) or version < 1:
+        raise f.fail("format_version", f"must be {FORMAT_VERSION}, got {_show(version)}")
+    if version > FORMAT_VERSION:
+        raise f.fail(
+            "format_version",
+            f"is {version} but this engine reads format {FORMAT_VERSION}; update UNet3DSegment",
+        )
+    training = data.get("training", {})
+    if not isinstance(training, dict):
+        raise f.fail("training", f"must be a JSON object (free-form), got {_show(training)}")
+    return ModelCard(
+        format_version=version,
+        name=f.text(data["name"], "name"),
+        version=f.text(data.get("version", ""), "version", allow_empty=True),
+        description=f.text(data.get("description", ""), "description", allow_empty=True, one_line=False),
+        intended_use=f.text(data.get("intended_use", ""), "intended_use", allow_empty=True, one_line=False),
+        network=_parse_network(f, data.get("network", {})),
+        input=_parse_input(f, data["input"]),
+        classes=_parse_classes(f, data["classes"]),
+        training=copy.deepcopy(training),
+    )
+
+
+def _parse_network(f: _Fields, value: Any) -> NetworkSpec:
+    value = f.object(value, "network", required=(), optional=("architecture", "base_filters", "dropout_rate"))
+    spec = NetworkSpec()
+    dropout = f.number(value.get("dropout_rate", spec.dropout_rate), "network.dropout_rate")
+    if not 0.0 <= dropout < 1.0:
+        raise f.fail("network.dropout_rate", f"must be >= 0 and < 1, got {_show(value['dropout_rate'])}")
+    return NetworkSpec(
+        architecture=f.text(value.get("architecture", spec.architecture), "network.architecture"),
+        base_filters=f.integer(value.get("base_filters", spec.base_filters), "network.base_filters", 1),
+        dropout_rate=dropout,
+    )
+
+
+def _parse_input(f: _Fields, value: Any) -> InputSpec:
+    value = f.object(
+        value, "input",
+        required=("channels", "patch_size"),
+        optional=("spacing", "orientation", "normalization", "crop_to_nonzero"),
+    )
+    channels = value["channels"]
+    if not isinstance(channels, (list, tuple)) or not channels:
+        raise f.fail("input.channels", f"must be a non-empty list of channel names, got {_show(channels)}")
+    names = tuple(f.text(name, f"input.channels[{i}]") for i, name in enumerate(channels))
+    if len(set(names)) != len(names):
+        raise f.fail("input.channels", f"must not repeat a name, got {_show(channels)}")
+
+    crop = value.get("crop_to_nonzero", False)
+    if not isinstance(crop, bool):
+        raise f.fail("input.crop_to_nonzero", f"must be true or false, got {_show(crop)}")
+    return InputSpec(
+        channels=names,
+        patch_size=_parse_patch(f, value["patch_size"]),
+        spacing=_parse_spacing(f, value.get("spacing", NATIVE)),
+        orientation=_parse_orientation(f, value.get("orientation", NATIVE)),
+        normalization=_parse_normalization(f, value.get("normalization", {"method": "zscore-nonzero"})),
+        crop_to_nonzero=crop,
+    )
+
+
+def _parse_patch(f: _Fields, value: Any) -> Tuple[int, int, int]:
+    ok = (
+        isinstance(value, (list, tuple))
+        and len(value) == 3
+        and all(_is_int(p) and p > 0 and p % PATCH_MULTIPLE == 0 for p in value)
+    )
+    if not ok:
+        raise f.fail(
+            "input.patch_size", f"must be three multiples of {PATCH_MULTIPLE} (z, y, x), got {_show(value)}"
+        )
+    return (value[0], value[1], value[2])
+
+
+def _parse_spacing(f: _Fields, value: Any) -> Union[str, Tuple[float, float, float]]:
+    if value == NATIVE:
+        return NATIVE
+    ok = (
+        isinstance(value, (list, tuple))
+        and len(value) == 3
+        and all(_is_number(s) and s > 0 for s in value)
+    )
+    if not ok:
+        raise f.fail(
+            "input.spacing", f'must be "native" or three positive numbers [x, y, z] in mm, got {_show(value)}'
+        )
+    return (float(value[0]), float(value[1]), float(value[2]))
+
+
+def _parse_orientation(f: _Fields, value: Any) -> str:
+    if value == NATIVE:
+        return NATIVE
+    axes = ("RL", "AP", "SI")
+    ok = (
+        isinstance(value, str)
+        and len(value) == 3
+        and all(any(letter in pair for letter in value) for pair in axes)
+        and all(letter in "RLAPSI" for letter in value)
+    )
+    if not ok:
+        raise f.fail(
+            "input.orientation",
+            f'must be "native" or three upper-case letters, one of R/L, A/P and S/I each (e.g. "LPS"), '
+            f"got {_show(value)}",
+        )
+    return value
+
+
+def _parse_normalization(f: _Fields, value: Any) -> Normalization:
+    where = "input.normalization"
+    if not isinstance(value, dict):
+        raise f.fail(where, f"must be a JSON object with a method, got {_show(value)}")
+    method = value.get("method")
+    if method not in NORMALIZATION_PARAMETERS:
+        allowed = ", ".join(NORMALIZATION_PARAMETERS)
+        raise f.fail(f"{where}.method", f"must be one of {allowed}, got {_show(method)}")
+    defaults = NORMALIZATION_PARAMETERS[method]
+    f.object(value, where, required=("method",) + tuple(k for k, v in defaults.items() if v is None),
+             optional=tuple(k for k, v in defaults.items() if v is not None))
+    params = {
+        key: f.number(value.get(key, default), f"{where}.{key}") for key, default in defaults.items()
+    }
+    if method == "percentile-zscore" and not 0.0 <= params["lower"] < params["upper"] <= 100.0:
+        raise f.fail(
+            where,
+            "lower and upper must satisfy 0 <= lower < upper <= 100, "
+            f"got {params['lower']}, {params['upper']}",
+        )
+    if method == "window" and not params["min"] < params["max"]:
+        raise f.fail(where, f"min must be below max, got {params['min']}, {params['max']}")
+    return Normalization(method=method, params=params)
+
+
+def _parse_classes(f: _Fields, value: Any) -> Tuple[ClassInfo, ...]:
+    if not isinstance(value, (list, tuple)) or len(value) < 2:
+        raise f.fail("classes", f"must list at least 2 classes (background first), got {_show(value)}")
+    classes = []
+    for index, item in enumerate(value):
+        where = f"classes[{index}]"
+        item = f.object(item, where, required=("name",), optional=("color", "terminology"))
+        color = item.get("color", _default_color(index))
+        if not isinstance(color, str) or not _COLOR_PATTERN.match(color):
+            raise f.fail(f"{where}.color", f'must be "#rrggbb" (hexadecimal), got {_show(color)}')
+        terminology = item.get("terminology")
+        if terminology is not None:
+            terminology = _parse_terminology(f, terminology, f"{where}.terminology")
+        name = f.text(item["name"], f"{where}.name")
+        classes.append(ClassInfo(name=name, color=color.lower(), terminology=terminology))
+    names = [c.name for c in classes]
+    for index, name in enumerate(names):
+        if name in names[:index]:
+            raise f.fail(f"classes[{index}].name", f"repeats {name!r}; give every class its own name")
+    return tuple(classes)
+
+
+def _parse_terminology(f: _Fields, value: Any, where: str) -> Terminology:
+    value = f.object(value, where, required=("category", "type"), optional=("type_modifier",))
+    modifier = value.get("type_modifier")
+    return Terminology(
+        category=_parse_code(f, value["category"], f"{where}.category"),
+        type=_parse_code(f, value["type"], f"{where}.type"),
+        type_modifier=None if modifier is None else _parse_code(f, modifier, f"{where}.type_modifier"),
+    )
+
+
+def _parse_code(f: _Fields, value: Any, where: str) -> CodeTriplet:
+    ok = isinstance(value, (list, tuple)) and len(value) == 3
+    ok = ok and all(isinstance(v, str) and v.strip() for v in value)
+    if not ok:
+        raise f.fail(
+            where,
+            f"must be a code triplet [coding scheme designator, code value, code meaning] of non-empty "
+            f'strings, e.g. ["SCT", "65216001", "Cerebrospinal fluid"], got {_show(value)}',
+        )
+    bad = sorted({c for v in value for c in v if c in _CODE_FORBIDDEN})
+    if bad:
+        shown = " ".join(repr(c) for c in bad)
+        raise f.fail(where, f"must not contain {shown} (Slicer uses them as separators)")
+    return (value[0], value[1], value[2])
+
+
+def _default_color(index: int) -> str:
+    return BACKGROUND_COLOR if index == 0 else DEFAULT_COLORS[(index - 1) % len(DEFAULT_COLORS)]
+
+
+# --------------------------------------------------------------------------------------------------
+# Files
+
+
+def load_card(path: Union[str, Path]) -> ModelCard:
+    """Read and validate a card file; ``BadModelError`` if missing, not JSON, or invalid."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError as error:
+        raise BadModelError(f"model card {path} not found; check the path") from error
+    except (OSError, UnicodeDecodeError) as error:
+        raise BadModelError(f"model card {path} cannot be read ({error}); check the file") from error
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as error:
+        raise BadModelError(
+            f"model card {path.name} is not valid JSON (line {error.lineno}, column {error.colno}: "
+            f"{error.msg}); fix the syntax"
+        ) from error
+    return card_from_dict(data, source=path.name)
+
+
+def _default_file_mode() -> int:
+    """The mode a plain ``open(path, "w")`` would give: 0666 less the process umask."""
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o666 & ~umask
+
+
+def save_card(card: ModelCard, path: Union[str, Path]) -> Path:
+    """Write ``card`` as indented UTF-8 JSON, atomically (temporary file + rename); returns the path."""
+    path = Path(path)
+    text = json.dumps(card.to_dict(), indent=2, ensure_ascii=False) + "\n"
+    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        os.chmod(temporary, _default_file_mode())  # mkstemp makes 0600; a card is meant to be shared
+        with os.fdopen(handle, "w", encoding="utf-8") as stream:
+            stream.write(text)
+            stream.flush()
+            os.fsync(stream.fileno())
+        os.replace(temporary, path)
+    except BaseException:
+        Path(temporary).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def default_card(
+    num_classes: int = 4,
+    in_channels: int = 1,
+    patch_size: Tuple[int, int, int] = (64, 64, 64),
+) -> ModelCard:
+    """The seed defaults for a model without a card.
+
+    One channel "image" (or "channel 0".."channel n-1"), native spacing and orientation, z-score over
+    non-zero voxels, no cropping, classes "Background", "Class 1".. with Slicer's generic colours.
+    """
+    channels = ["image"] if in_channels == 1 else [f"channel {i}" for i in range(in_channels)]
+    data = {
+        "format_version": FORMAT_VERSION,
+        "name": "unnamed-model",
+        "version": "",
+        "description": "No model card was found; seed defaults are assumed.",
+        "intended_use": "Unknown: the model came without a card.",
+        "network": NetworkSpec().to_dict(),
+        "input": {
+            "channels": channels,
+            "patch_size": [int(p) for p in patch_size],
+            "spacing": NATIVE,
+            "orientation": NATIVE,
+            "normalization": {"method": "zscore-nonzero"},
+            "crop_to_nonzero": False,
+        },
+        "classes": [{"name": "Background" if i == 0 else f"Class {i}"} for i in range(num_classes)],
+        "training": {},
+    }
+    return card_from_dict(data, source="(seed defaults)")
+
+
+def card_path_for_model(model_path: Union[str, Path]) -> Path:
+    """Where a model's card lives: ``x.keras`` or ``x.h5`` -> ``x.json``; SavedModel ``x/`` -> ``x.json``."""
+    model_path = Path(model_path)
+    if model_path.is_dir():
+        return model_path.with_name(model_path.name + ".json")
+    return model_path.with_suffix(".json")
+
+
+def card_for_model(model_path: Union[str, Path]) -> Optional[ModelCard]:
+    """The card beside the model, or ``None`` when there is none (the caller then uses defaults)."""
+    path = card_path_for_model(model_path)
+    return load_card(path) if path.is_file() else None

@@ -1,0 +1,266 @@
+"""The whole segmentation job: input images and a model in, a labelmap on the input's grid out.
+
+``segment_images`` works on in-memory SimpleITK images (used by the demo, the benchmark and tests);
+``segment_files`` adds reading, early output-path checks and atomic writing (used by the command line,
+and through it by the Slicer module and the web app). Both report progress as events (see
+``progress.py``) and stop between batches when ``cancel`` is set.
+"""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional, Sequence, Union
+
+import numpy as np
+
+from ..base.errors import BadInputError
+from .progress import ProgressCallback, ProgressEmitter
+
+PathLike = Union[str, Path]
+TTA_AXES = (0, 1, 2)
+
+
+@dataclass(frozen=True)
+class SegmentOptions:
+    """How to run the sliding window; defaults suit most CPU and GPU runs.
+
+    ``precision`` is applied when ``segment_files`` loads the model (``segment_images`` gets a model
+    already loaded in its precision). ``accumulation`` is the dtype of the class sums (float16 halves
+    them). ``max_memory`` (bytes, None: half the machine's memory) bounds the one buffer that grows
+    with the volume, the full probability array; above it the labelmap is built slab by slab and
+    resampled as labels (nearest neighbour) instead of as probabilities. ``prefetch`` assembles the
+    next batch on a producer thread while the model runs.
+    """
+
+    overlap: float = 0.5
+    batch_size: int = 2
+    blend: str = "gaussian"
+    tta: bool = False
+    largest_component: bool = False
+    precision: str = "auto"
+    accumulation: str = "float32"
+    max_memory: Optional[int] = None
+    prefetch: bool = True
+
+
+@dataclass
+class SegmentationResult:
+    """What a run produced: the labelmap (input geometry), optional probabilities, and figures."""
+
+    labels: Any  # SimpleITK.Image, uint8 labels on the input grid
+    card: Any  # ModelCard used
+    patches: int
+    seconds: float
+    probabilities: Optional[np.ndarray] = None  # (z, y, x, k) float32 on the input grid
+    timings: dict[str, float] = field(default_factory=dict)
+    output: Optional[Path] = None
+
+
+def _needs_resampling(card: Any) -> bool:
+    return card.input.spacing != "native"
+
+
+def _full_probabilities_fit(
+    prepared: Any, classes: int, options: SegmentOptions, keep: bool, emitter: ProgressEmitter
+) -> bool:
+    """Whether the full probability arrays (working and input grid) fit ``options.max_memory``.
+
+    When they do not: with ``keep`` (``--probabilities``) that is an error; otherwise a warning, and
+    the labelmap is resampled as labels instead.
+    """
+    from .memory import budget_or_default, format_size, probability_bytes
+
+    needed = probability_bytes(prepared.array.shape[:3], classes)
+    needed += probability_bytes(tuple(reversed(prepared.original_image.GetSize())), classes)
+    budget = budget_or_default(options.max_memory)
+    if needed <= budget:
+        return True
+    if keep:
+        raise BadInputError(
+            f"writing probabilities needs {format_size(needed)} for them, above the memory budget of "
+            f"{format_size(budget)}; raise --max-memory or leave out --probabilities"
+        )
+    emitter.emit(
+        "warning",
+        message=f"probabilities would need {format_size(needed)}, above the memory budget of "
+        f"{format_size(budget)}: resampling the labelmap itself (nearest neighbour) instead",
+    )
+    return False
+
+
+def segment_images(
+    images: Sequence[Any],
+    model: Any,
+    options: SegmentOptions = SegmentOptions(),
+    progress: Optional[ProgressCallback] = None,
+    cancel: Optional[threading.Event] = None,
+    keep_probabilities: bool = False,
+    emitter: Optional[ProgressEmitter] = None,
+) -> SegmentationResult:
+    """Segment channel images (one ``SimpleITK.Image`` per card channel) with a ``LoadedModel``."""
+    import SimpleITK as sitk
+
+    from ..runtime.fallback import FallbackPredictor
+    from .window import iter_probability_slabs
+    from .postprocessing import keep_largest_component, label_dtype, labels_from_probabilities
+    from .preprocessing import prepare
+
+    emitter = emitter or ProgressEmitter(progress)
+    card = model.card
+    if len(images) != model.in_channels:
+        names = ", ".join(card.input.channels)
+        raise BadInputError(
+            f"model {card.name} takes {model.in_channels} input volume(s) ({names}), got {len(images)}; "
+            "pass one volume per channel, in that order"
+        )
+    timings: dict[str, float] = {}
+
+    start = emitter.seconds
+    emitter.emit("preprocess", message="reorienting, resampling, normalising")
+    prepared = prepare(list(images), card)
+    timings["preprocess"] = emitter.seconds - start
+
+    start = emitter.seconds
+    counted: dict[str, int] = {"total": 0}
+
+    def on_patches(done: int, total: int) -> None:
+        counted["total"] = total
+        emitter.patches(done, total)
+
+    predictor = FallbackPredictor(
+        model.predict,
+        device=getattr(model, "device", "cpu"),
+        cpu_fallback=getattr(model, "cpu_predictor", None),
+        warn=lambda message: emitter.emit("warning", message=message),
+    )
+    slabs = iter_probability_slabs(
+        prepared.array,
+        predictor,
+        patch_size=model.patch_size,
+        overlap=options.overlap,
+        blend=options.blend,
+        batch_size=options.batch_size,
+        progress=on_patches,
+        cancel=cancel,
+        mirror_axes=TTA_AXES if options.tta else None,
+        accumulation=options.accumulation,
+        prefetch=options.prefetch,
+    )
+    full_needed = keep_probabilities or _needs_resampling(card)
+    if full_needed:
+        full_needed = _full_probabilities_fit(prepared, card.num_classes, options, keep_probabilities, emitter)
+
+    if full_needed:
+        probabilities = np.empty(prepared.array.shape[:3] + (card.num_classes,), dtype=np.float32)
+        for first, slab in slabs:
+            probabilities[first:first + slab.shape[0]] = slab
+        timings["inference"] = emitter.seconds - start
+        start = emitter.seconds
+        emitter.emit("postprocess", message="labelmap on the input grid")
+        # Resample probabilities (linear) rather than labels: smoother, more exact boundaries.
+        full_probabilities = prepared.restore_probabilities(probabilities)
+        del probabilities
+        label_array = labels_from_probabilities(full_probabilities)
+        if options.largest_component:
+            label_array = keep_largest_component(label_array)
+        labels = sitk.GetImageFromArray(label_array)
+        labels.CopyInformation(prepared.original_image)
+    else:
+        full_probabilities = None
+        label_array = np.empty(prepared.array.shape[:3], dtype=label_dtype(card.num_classes))
+        for first, slab in slabs:  # the labelmap is built slab by slab: no full probability array
+            label_array[first:first + slab.shape[0]] = labels_from_probabilities(slab)
+            del slab
+        timings["inference"] = emitter.seconds - start
+        start = emitter.seconds
+        emitter.emit("postprocess", message="labelmap on the input grid")
+        if options.largest_component:
+            label_array = keep_largest_component(label_array)
+        labels = prepared.restore_labels(label_array)
+    timings["postprocess"] = emitter.seconds - start
+    return SegmentationResult(
+        labels=labels,
+        card=card,
+        patches=counted["total"],
+        seconds=emitter.seconds,
+        probabilities=full_probabilities if keep_probabilities else None,
+        timings=timings,
+    )
+
+
+def segment_files(
+    inputs: Sequence[PathLike],
+    output: PathLike,
+    model: Optional[PathLike] = None,
+    options: SegmentOptions = SegmentOptions(),
+    progress: Optional[ProgressCallback] = None,
+    cancel: Optional[threading.Event] = None,
+    probabilities: Optional[PathLike] = None,
+    overwrite: bool = False,
+) -> SegmentationResult:
+    """Read ``inputs`` (one file or DICOM folder per channel), segment, write ``output`` atomically.
+
+    Output paths are checked before anything expensive runs. ``model=None`` uses the bundled demo
+    model. Nothing is written unless the whole run succeeds.
+    """
+    from .bundled_models import default_model_path
+    from .image_io import (
+        check_output_path,
+        read_channels,
+        write_labelmap,
+        write_probabilities,
+        write_segmentation,
+    )
+    from .loading import load_model
+
+    emitter = ProgressEmitter(progress)
+    if not inputs:
+        raise BadInputError("no input volume given; pass at least one image file or DICOM folder")
+    output_path = check_output_path(output, overwrite)
+    probabilities_path = check_output_path(probabilities, overwrite) if probabilities else None
+    if probabilities_path is not None and probabilities_path == output_path:
+        raise BadInputError("--probabilities must name another file than the output")
+
+    emitter.emit("load", message="reading input volume(s)")
+    images = read_channels([Path(p) for p in inputs])
+    emitter.emit("load", message="loading model")
+    loaded = load_model(Path(model) if model else default_model_path(), precision=options.precision)
+    if loaded.precision != "fp32":
+        emitter.emit("load", message=f"model runs in {loaded.precision} mixed precision on {loaded.device}")
+
+    result = segment_images(
+        images,
+        loaded,
+        options,
+        cancel=cancel,
+        keep_probabilities=probabilities_path is not None,
+        emitter=emitter,
+    )
+    if cancel is not None and cancel.is_set():
+        from ..base.errors import CancelledError
+
+        raise CancelledError("cancelled before writing; nothing was written")
+
+    emitter.emit("write", message=f"writing {output_path.name}")
+    # Probabilities first: if the labelmap then fails, they are removed again, so a failed run never
+    # leaves one output without the other.
+    if probabilities_path is not None:
+        write_probabilities(result.probabilities, result.labels, probabilities_path, overwrite=overwrite)
+    try:
+        if output_path.name.lower().endswith(".seg.nrrd"):
+            classes = [
+                (c.name, c.rgb01, c.terminology.to_slicer_string() if c.terminology else None)
+                for c in result.card.classes
+            ]
+            write_segmentation(result.labels, output_path, classes, overwrite=overwrite)
+        else:
+            write_labelmap(result.labels, output_path, overwrite=overwrite)
+    except BaseException:
+        if probabilities_path is not None:
+            probabilities_path.unlink(missing_ok=True)
+        raise
+    result.output = output_path
+    emitter.emit("done", message=f"wrote {output_path}", output=str(output_path), patches=result.patches)
+    return result
