@@ -12,7 +12,8 @@ from UNet3DSegmentLib.cli.main import main
 from UNet3DSegmentLib.runtime.fallback import FallbackPredictor
 from UNet3DSegmentLib.base.errors import EXIT_USAGE, OutOfMemoryError
 from UNet3DSegmentLib.base.errors import is_out_of_memory
-from UNet3DSegmentLib.engine.loading import configure_tensorflow, load_model
+from UNet3DSegmentLib.engine.loading import load_model
+from UNet3DSegmentLib.runtime.tensorflow_setup import configure_tensorflow
 
 
 def doubling(batch: np.ndarray) -> np.ndarray:

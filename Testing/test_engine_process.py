@@ -16,9 +16,9 @@ from pathlib import Path
 import psutil
 import pytest
 
+from UNet3DSegmentLib.base.options import SegmentOptions
 from UNet3DSegmentLib.client.engine_process import (
     MODULE_DIR,
-    EngineOptions,
     EngineProcess,
     engine_environment,
     error_for_exit,
@@ -263,39 +263,43 @@ def test_segment_command_lists_only_chosen_options() -> None:
     command = segment_command("/py", ["/in/t1.nrrd", "/in/t2.nrrd"], "/out/seg.nrrd")
     assert command == ["/py", "-m", "UNet3DSegmentLib", "segment", "/in/t1.nrrd", "/in/t2.nrrd",
                        "-o", "/out/seg.nrrd", "--progress", "json"]
-    options = EngineOptions(overlap=0.25, batch_size=4, blend="constant", tta=True, device="GPU",
-                            precision="bf16", largest_component=True, extra_arguments=("--threads", 1))
-    command = segment_command("/py", ["/in/t1.nrrd"], "/o.nrrd", model="/m/model.keras", options=options)
+    options = SegmentOptions(overlap=0.25, batch_size=4, blend="constant", tta=True, device="GPU",
+                             precision="bf16", largest_component=True)
+    command = segment_command("/py", ["/in/t1.nrrd"], "/o.nrrd", model="/m/model.keras", options=options,
+                              extra_arguments=("--threads", 1))
     assert command[4:] == ["/in/t1.nrrd", "-o", "/o.nrrd", "--model", "/m/model.keras", "--overlap", "0.25",
-                           "--batch-size", "4", "--blend", "constant", "--tta", "--device", "gpu",
-                           "--precision", "bf16", "--largest-component", "--threads", "1", "--progress", "json"]
+                           "--batch-size", "4", "--blend", "constant", "--tta", "--largest-component",
+                           "--device", "gpu", "--precision", "bf16", "--threads", "1", "--progress", "json"]
 
 
 def test_speed_and_device_options_become_engine_flags() -> None:
-    options = EngineOptions(backend="torch", gpu_index=1, gpu_memory_limit="6G", max_memory=" 4G",
-                            accumulation="float16")
+    options = SegmentOptions(backend="torch", gpu_index=1, gpu_memory_limit="6G", max_memory=" 4G",
+                             accumulation="float16")
     command = segment_command("/py", ["/in/t1.nrrd"], "/o.nrrd", options=options)
-    assert command[7:-2] == ["--backend", "torch", "--gpu", "1", "--gpu-memory-limit", "6G", "--max-memory", "4G",
-                             "--accumulation", "float16"]
-    assert "--backend" not in segment_command("/py", ["/in.nrrd"], "/o.nrrd", options=EngineOptions())
+    assert command[7:-2] == ["--gpu", "1", "--backend", "torch", "--accumulation", "float16",
+                             "--max-memory", str(4 * 2**30), "--gpu-memory-limit", str(6 * 2**30)]
+    assert "--backend" not in segment_command("/py", ["/in.nrrd"], "/o.nrrd", options=SegmentOptions())
 
 
 @pytest.mark.parametrize(
-    ("options", "message"),
+    ("values", "message"),
     [
-        (EngineOptions(backend="mxnet"), "backend must be one of tensorflow, torch, jax, got 'mxnet'"),
-        (EngineOptions(gpu_index=-1), "GPU index must be an integer >= 0, got -1"),
-        (EngineOptions(gpu_memory_limit="lots"), "memory size 'lots' is not a size such as 4G, 512M or 1.5GiB"),
-        (EngineOptions(accumulation="int8"), "accumulation must be one of float32, float16, got 'int8'"),
-        (EngineOptions(overlap=1.0), "overlap must be >= 0 and < 1, got 1.0"),
-        (EngineOptions(batch_size=0), "batch size must be a positive integer, got 0"),
-        (EngineOptions(device="tpu"), "device must be one of auto, cpu, gpu, got 'tpu'"),
-        (EngineOptions(precision="int8"), "precision must be one of auto, fp32, bf16, fp16, got 'int8'"),
+        ({"backend": "mxnet"}, "backend must be one of tensorflow, torch, jax, got 'mxnet'"),
+        ({"gpu_index": -1}, "gpu index must be >= 0, got -1"),
+        ({"gpu_memory_limit": "lots"}, "memory size 'lots' is not a size such as 4G, 512M or 1.5GiB"),
+        ({"gpu_memory_limit": 5}, "gpu memory limit must be at least 1 MiB, got 5"),
+        ({"accumulation": "int8"}, "accumulation must be one of float32, float16, got 'int8'"),
+        ({"overlap": 1.0}, "overlap must be >= 0 and < 1, got 1.0"),
+        ({"batch_size": 0}, "batch size must be >= 1, got 0"),
+        ({"batch_size": 2.5}, "batch size must be an integer >= 1, got 2.5"),
+        ({"device": "tpu"}, "device must be one of auto, cpu, gpu, got 'tpu'"),
+        ({"precision": "int8"}, "precision must be one of auto, fp32, bf16, fp16, got 'int8'"),
+        ({"tta": "yes"}, "tta must be true or false, got 'yes'"),
     ],
 )
-def test_bad_options_are_bad_input(options: EngineOptions, message: str) -> None:
+def test_bad_options_are_bad_input_naming_the_option(values: dict, message: str) -> None:
     with pytest.raises(BadInputError) as caught:
-        segment_command("/py", ["/in.nrrd"], "/o.nrrd", options=options)
+        SegmentOptions(**values)
     assert str(caught.value) == message
 
 
@@ -324,13 +328,16 @@ def test_every_flag_the_panel_can_send_is_accepted_by_the_engine_command_line() 
     """The command builder and the engine's argparse must agree (a mismatch fails only at run time)."""
     from UNet3DSegmentLib.cli.main import build_parser
 
-    options = EngineOptions(overlap=0.25, batch_size=4, blend="constant", tta=True, device="cpu",
-                            precision="bf16", largest_component=True, backend="jax", gpu_index=2,
-                            gpu_memory_limit="1.5G", max_memory="3G", accumulation="float16")
+    options = SegmentOptions(overlap=0.25, batch_size=4, blend="constant", tta=True, device="cpu",
+                             precision="bf16", largest_component=True, backend="jax", gpu_index=2,
+                             gpu_memory_limit="1.5G", max_memory="3G", accumulation="float16", threads=3)
     command = segment_command("/py", ["/in/t1.nrrd"], "/o.nrrd", model="/m/model.keras", options=options)
     args = build_parser().parse_args(command[3:])
-    assert (args.backend, args.gpu, args.gpu_memory_limit, args.max_memory, args.accumulation) == (
+    assert (args.backend, args.gpu_index, args.gpu_memory_limit, args.max_memory, args.accumulation) == (
         "jax", 2, int(1.5 * 2**30), 3 * 2**30, "float16")
+    from UNet3DSegmentLib.cli.arguments import options_from_args
+
+    assert options_from_args(args, SegmentOptions) == options  # every option survives the trip to the child
     assert (args.inputs, args.output, args.model) == (["/in/t1.nrrd"], "/o.nrrd", "/m/model.keras")
     assert (args.overlap, args.batch_size, args.blend, args.tta) == (0.25, 4, "constant", True)
     assert (args.device, args.precision, args.largest_component, args.progress) == ("cpu", "bf16", True, "json")

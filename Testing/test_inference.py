@@ -11,15 +11,10 @@ import threading
 import numpy as np
 import pytest
 
-from UNet3DSegmentLib.engine import window as inference
 from UNet3DSegmentLib.base.errors import BadInputError, CancelledError
-from UNet3DSegmentLib.engine.window import (
-    count_patches,
-    grid_starts,
-    importance_map,
-    sliding_window_predict,
-    tile_starts,
-)
+from UNet3DSegmentLib.engine.blending import gaussian_weights, importance_map
+from UNet3DSegmentLib.engine.tiling import count_patches, grid_starts, tile_starts
+from UNet3DSegmentLib.engine.window import WindowConfig, sliding_window_predict
 
 
 def coordinate_image(shape_zyx, channels: int = 1) -> np.ndarray:
@@ -142,7 +137,7 @@ def test_gaussian_map_properties(patch):
 
 def test_gaussian_is_clamped_above_zero():
     # sigma = 64 / 200 voxel: exp(-0.5 * (31.5 / 0.32)^2) underflows to 0 away from the centre.
-    weights = inference.gaussian_weights((1, 1, 64), 1.0 / 200.0)
+    weights = gaussian_weights((1, 1, 64), 1.0 / 200.0)
     assert weights.max() == 1.0
     assert weights.min() > 0.0
     smallest = weights[0, 0, 27]  # the farthest voxel that does not underflow (a float32 denormal)
@@ -197,7 +192,8 @@ def test_constant_predictor_gives_constants(overlap, blend):
         return np.broadcast_to(probabilities, batch.shape[:4] + (3,))
 
     output = sliding_window_predict(
-        np.zeros((21, 18, 30, 1), np.float32), constant, (8, 8, 16), overlap, blend, batch_size=4
+        np.zeros((21, 18, 30, 1), np.float32), constant, patch_size=(8, 8, 16), overlap=overlap, blend=blend,
+        batch_size=4,
     )
     np.testing.assert_allclose(output, np.broadcast_to(probabilities, (21, 18, 30, 3)), rtol=1e-6)
 
@@ -231,7 +227,7 @@ def position_dependent(batch: np.ndarray) -> np.ndarray:
 @pytest.mark.parametrize("shape", [(20, 24, 28), (16, 33, 17)])
 def test_weighted_average_matches_reference(shape, overlap, blend):
     image = coordinate_image(shape)
-    output = sliding_window_predict(image, position_dependent, (16, 16, 16), overlap, blend, 2)
+    output = sliding_window_predict(image, position_dependent, WindowConfig((16, 16, 16), overlap, blend, 2))
     expected = reference_blend(image, position_dependent, (16, 16, 16), overlap, blend)
     np.testing.assert_allclose(output, expected, rtol=1e-5, atol=1e-4)
     if overlap > 0 and blend == "gaussian":  # the blend really mixes tiles at overlaps
@@ -242,7 +238,7 @@ def test_weighted_average_matches_reference(shape, overlap, blend):
 def test_small_image_is_zero_padded_centred_and_cropped_back():
     image = coordinate_image((4, 10, 16)) + 1.0
     predictor = Recorder(lambda batch: batch.copy())
-    output = sliding_window_predict(image, predictor, (8, 16, 16), 0.5, "gaussian", 1)
+    output = sliding_window_predict(image, predictor, WindowConfig((8, 16, 16), 0.5, "gaussian", 1))
     np.testing.assert_allclose(output, image, rtol=1e-6)
     assert predictor.calls == 1
     seen = predictor.inputs[0][0, ..., 0]
@@ -254,7 +250,7 @@ def test_small_image_is_zero_padded_centred_and_cropped_back():
 def test_predictor_sees_the_right_patches_and_gets_float32():
     image = coordinate_image((28, 16, 16)).astype(np.float64)
     predictor = Recorder(lambda batch: batch)
-    sliding_window_predict(image, predictor, (16, 16, 16), 0.5, "constant", batch_size=2)
+    sliding_window_predict(image, predictor, patch_size=(16, 16, 16), overlap=0.5, blend="constant", batch_size=2)
     assert [batch.shape[0] for batch in predictor.inputs] == [2, 1]  # starts z = 0, 6, 12
     assert all(batch.dtype == np.float32 for batch in predictor.inputs)
     for batch, z in zip([predictor.inputs[0][0], predictor.inputs[0][1], predictor.inputs[1][0]],
@@ -268,7 +264,7 @@ def test_predictor_sees_the_right_patches_and_gets_float32():
 def test_progress_sequence():
     calls = []
     sliding_window_predict(
-        coordinate_image((16, 16, 40)), identity_like, (16, 16, 16), 0.5, "gaussian", 2,
+        coordinate_image((16, 16, 40)), identity_like, WindowConfig((16, 16, 16), 0.5, "gaussian", 2),
         progress=lambda done, total: calls.append((done, total)),
     )
     # x starts 0, 8, 16, 24: four patches in two batches
@@ -278,7 +274,7 @@ def test_progress_sequence():
 def test_progress_counts_every_tta_pass():
     calls = []
     sliding_window_predict(
-        coordinate_image((16, 16, 40)), identity_like, (16, 16, 16), 0.5, "gaussian", 3,
+        coordinate_image((16, 16, 40)), identity_like, WindowConfig((16, 16, 16), 0.5, "gaussian", 3),
         progress=lambda done, total: calls.append((done, total)), mirror_axes=(1, 2),
     )
     # batches of 3 and 1 patches, four flip passes each: 16 patches in all
@@ -290,7 +286,7 @@ def test_cancel_set_before_start_calls_nothing():
     cancel.set()
     predictor = Recorder()
     with pytest.raises(CancelledError, match=r"^cancelled after 0 of 4 patches"):
-        sliding_window_predict(coordinate_image((16, 16, 40)), predictor, (16, 16, 16), 0.5,
+        sliding_window_predict(coordinate_image((16, 16, 40)), predictor, patch_size=(16, 16, 16), overlap=0.5,
                                cancel=cancel, batch_size=1)
     assert predictor.calls == 0
 
@@ -306,7 +302,7 @@ def test_cancel_during_run_stops_before_the_next_batch(prefetch: bool):
             cancel.set()
 
     with pytest.raises(CancelledError, match=r"^cancelled after 2 of 8 patches$"):
-        sliding_window_predict(coordinate_image((16, 24, 40)), predictor, (16, 16, 16), 0.5,
+        sliding_window_predict(coordinate_image((16, 24, 40)), predictor, patch_size=(16, 16, 16), overlap=0.5,
                                batch_size=1, progress=progress, cancel=cancel, prefetch=prefetch)
     assert predictor.calls == 2 if not prefetch else predictor.calls in (2, 3)
     assert not [t for t in threading.enumerate() if t.name in ("unet3d-model", "unet3d-prefetch")]
@@ -330,8 +326,9 @@ def test_tta_with_equivariant_predictor_equals_plain(axes, blend):
     image = coordinate_image((20, 18, 24))
     plain = Recorder(equivariant)
     augmented = Recorder(equivariant)
-    expected = sliding_window_predict(image, plain, (16, 16, 16), 0.5, blend, 2)
-    output = sliding_window_predict(image, augmented, (16, 16, 16), 0.5, blend, 2, mirror_axes=axes)
+    window = WindowConfig((16, 16, 16), 0.5, blend, 2)
+    expected = sliding_window_predict(image, plain, window)
+    output = sliding_window_predict(image, augmented, window, mirror_axes=axes)
     np.testing.assert_allclose(output, expected, rtol=1e-6)
     assert augmented.calls == plain.calls * 2 ** len(axes)
     assert augmented.patches == plain.patches * 2 ** len(axes) == 8 * 2 ** len(axes)
@@ -340,7 +337,7 @@ def test_tta_with_equivariant_predictor_equals_plain(axes, blend):
 def test_tta_flips_the_input_and_flips_back():
     image = coordinate_image((16, 16, 16))
     predictor = Recorder(lambda batch: batch.copy())
-    output = sliding_window_predict(image, predictor, (16, 16, 16), 0.0, "constant", 1,
+    output = sliding_window_predict(image, predictor, WindowConfig((16, 16, 16), 0.0, "constant", 1),
                                     mirror_axes=(0, 2))
     np.testing.assert_array_equal(output, image)  # identity survives flip -> predict -> flip back
     seen = [batch[0] for batch in predictor.inputs]
@@ -357,10 +354,10 @@ def test_tta_averages_a_non_equivariant_predictor():
         return np.broadcast_to(index[:, np.newaxis], batch.shape[:4] + (1,)).copy()
 
     image = coordinate_image((16, 16, 16))
-    output = sliding_window_predict(image, x_index, (16, 16, 16), 0.5, "gaussian", 1,
+    output = sliding_window_predict(image, x_index, WindowConfig((16, 16, 16), 0.5, "gaussian", 1),
                                     mirror_axes=[2])
     np.testing.assert_allclose(output, np.full((16, 16, 16, 1), 7.5, np.float32), rtol=1e-6)
-    plain = sliding_window_predict(image, x_index, (16, 16, 16), 0.5, "gaussian", 1)
+    plain = sliding_window_predict(image, x_index, WindowConfig((16, 16, 16), 0.5, "gaussian", 1))
     np.testing.assert_allclose(plain[..., 0], np.broadcast_to(np.arange(16.0), (16, 16, 16)),
                                rtol=1e-6)
 
@@ -382,7 +379,7 @@ IMAGE = np.zeros((16, 16, 16, 1), np.float32)
         ({"overlap": 1.2}, "overlap must be >= 0 and < 1, got 1.2"),
         ({"overlap": 1.0}, "overlap must be >= 0 and < 1, got 1.0"),
         ({"overlap": -0.1}, "overlap must be >= 0 and < 1, got -0.1"),
-        ({"overlap": "half"}, "overlap must be a number >= 0 and < 1, got 'half'"),
+        ({"overlap": "half"}, "overlap must be a number, got 'half'"),
         ({"patch_size": (16, 16)},
          "patch size must be three positive integers (z, y, x), got (16, 16)"),
         ({"patch_size": (16, 0, 16)},
@@ -390,7 +387,7 @@ IMAGE = np.zeros((16, 16, 16, 1), np.float32)
         ({"patch_size": (16, 16.5, 16)},
          "patch size must be three positive integers (z, y, x), got (16, 16.5, 16)"),
         ({"patch_size": 16}, "patch size must be three positive integers (z, y, x), got 16"),
-        ({"batch_size": 0}, "batch size must be an integer >= 1, got 0"),
+        ({"batch_size": 0}, "batch size must be >= 1, got 0"),
         ({"batch_size": 1.5}, "batch size must be an integer >= 1, got 1.5"),
         ({"blend": "linear"}, "blend must be one of gaussian, constant, got 'linear'"),
         ({"mirror_axes": (0, 3)},
@@ -427,13 +424,59 @@ def test_predictor_changing_class_count_is_caught():
 
     with pytest.raises(BadInputError, match=r"returned shape \(1, 16, 16, 16, 3\), expected "
                                             r"\(1, 16, 16, 16, 2\)"):
-        sliding_window_predict(np.zeros((16, 16, 32, 1), np.float32), unstable, (16, 16, 16),
-                               0.5, batch_size=2)
+        sliding_window_predict(np.zeros((16, 16, 32, 1), np.float32), unstable, patch_size=(16, 16, 16),
+                               overlap=0.5, batch_size=2)
 
 
 def test_tile_starts_rejects_bad_overlap():
     with pytest.raises(BadInputError, match=r"^overlap must be >= 0 and < 1, got 1$"):
         tile_starts(100, 64, 1)
+
+
+# --------------------------------------------------------------------------------------------------
+# The window configuration
+# --------------------------------------------------------------------------------------------------
+def test_window_config_normalises_and_is_frozen():
+    import dataclasses
+
+    window = WindowConfig([16, 16.0, 8], 0, "Constant", np.int64(3), mirror_axes=[2, 0, 2])
+    assert window == WindowConfig((16, 16, 8), 0.0, "constant", 3, mirror_axes=(0, 2))
+    assert window.patch_size == (16, 16, 8) and isinstance(window.overlap, float)
+    assert type(window.batch_size) is int and window.mirror_axes == (0, 2)
+    assert WindowConfig(mirror_axes=None).mirror_axes == ()
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        window.overlap = 0.5  # type: ignore[misc]
+
+
+def test_window_defaults_are_the_declared_option_defaults():
+    from UNet3DSegmentLib.base.options import SegmentOptions
+
+    window = WindowConfig()
+    for name in ("overlap", "blend", "batch_size", "accumulation"):
+        assert getattr(window, name) == SegmentOptions.spec(name).default
+    assert window.mirror_axes == () and window.prefetch and window.expected_channels is None
+
+
+def test_window_config_from_options():
+    from UNet3DSegmentLib.base.options import SegmentOptions
+
+    options = SegmentOptions(overlap=0.25, batch_size=4, blend="constant", tta=True, accumulation="float16")
+    window = WindowConfig.from_options(options, (8, 16, 16), prefetch=False)
+    assert window == WindowConfig((8, 16, 16), 0.25, "constant", 4, mirror_axes=(0, 1, 2),
+                                  accumulation="float16", prefetch=False)
+    assert WindowConfig.from_options(SegmentOptions(), (16, 16, 16)).mirror_axes == ()
+
+
+def test_keyword_fields_replace_those_of_the_config():
+    image = coordinate_image((16, 16, 40))
+    window = WindowConfig((16, 16, 16), 0.5, "constant", 2)
+    calls = []
+    sliding_window_predict(image, identity_like, window, progress=lambda d, t: calls.append((d, t)), batch_size=4)
+    assert calls == [(4, 4)]  # one call of four patches, not two of two
+    with pytest.raises(TypeError, match=r"^config must be a WindowConfig, got tuple"):
+        sliding_window_predict(image, identity_like, (16, 16, 16))  # type: ignore[arg-type]
+    with pytest.raises(BadInputError, match=r"^expected channels must be an integer >= 1, got 0$"):
+        WindowConfig(expected_channels=0)
 
 
 def test_inference_runs_without_tensorflow():
@@ -443,7 +486,7 @@ def test_inference_runs_without_tensorflow():
     code = (
         "import sys, numpy as np\n"
         "from UNet3DSegmentLib.engine.window import sliding_window_predict\n"
-        "sliding_window_predict(np.ones((8, 8, 8, 1), np.float32), lambda b: b, (8, 8, 8))\n"
+        "sliding_window_predict(np.ones((8, 8, 8, 1), np.float32), lambda b: b, patch_size=(8, 8, 8))\n"
         "print(sorted(m for m in ('tensorflow', 'keras') if m in sys.modules))\n"
     )
     result = subprocess.run(

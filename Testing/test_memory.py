@@ -18,14 +18,9 @@ import SimpleITK as sitk
 from conftest import TINY_CARD, save_tiny_model
 from UNet3DSegmentLib.cli.main import main
 from UNet3DSegmentLib.base.errors import BadInputError
-from UNet3DSegmentLib.engine.window import (
-    SlabAccumulator,
-    count_patches,
-    grid_starts,
-    iter_probability_slabs,
-    ring_depth,
-    sliding_window_predict,
-)
+from UNet3DSegmentLib.engine.accumulator import SlabAccumulator, ring_depth
+from UNet3DSegmentLib.engine.tiling import count_patches, grid_starts
+from UNet3DSegmentLib.engine.window import WindowConfig, iter_probability_slabs, sliding_window_predict
 from UNet3DSegmentLib.engine.memory import estimate_memory, format_size, parse_size, probability_bytes
 
 GIB = 1024 ** 3
@@ -43,7 +38,7 @@ def volume(shape=(45, 20, 26), seed: int = 0) -> np.ndarray:
 
 def reference_blend(image, predict, patch, overlap, batch_size):
     """The plain full-volume weighted average (what the slab ring must reproduce)."""
-    from UNet3DSegmentLib.engine.window import importance_map
+    from UNet3DSegmentLib.engine.blending import importance_map
 
     weights = importance_map(patch, "gaussian")
     starts = grid_starts(image.shape[:3], patch, overlap)
@@ -64,20 +59,21 @@ def reference_blend(image, predict, patch, overlap, batch_size):
 def test_slabs_equal_the_full_volume_blend(overlap, batch_size):
     image = volume()
     expected = reference_blend(image, smooth_predictor, (16, 16, 16), overlap, batch_size)
-    slabs = list(iter_probability_slabs(image, smooth_predictor, (16, 16, 16), overlap, "gaussian", batch_size))
+    window = WindowConfig((16, 16, 16), overlap, "gaussian", batch_size)
+    slabs = list(iter_probability_slabs(image, smooth_predictor, window))
     firsts = [first for first, _ in slabs]
     assert firsts == sorted(firsts) and firsts[0] == 0
     assert sum(slab.shape[0] for _, slab in slabs) == 45 and len(slabs) > 1  # really slab by slab
     stacked = np.concatenate([slab for _, slab in slabs])
     np.testing.assert_allclose(stacked, expected, rtol=1e-6, atol=1e-6)
-    full = sliding_window_predict(image, smooth_predictor, (16, 16, 16), overlap, "gaussian", batch_size)
+    full = sliding_window_predict(image, smooth_predictor, window)
     np.testing.assert_array_equal(full, stacked)
 
 
 def test_slabs_with_padding_and_prefetch_off_are_identical():
     image = volume((10, 20, 26))  # z shorter than the patch: padded and cropped back
-    with_prefetch = sliding_window_predict(image, smooth_predictor, (16, 16, 16), 0.5, prefetch=True)
-    without = sliding_window_predict(image, smooth_predictor, (16, 16, 16), 0.5, prefetch=False)
+    with_prefetch = sliding_window_predict(image, smooth_predictor, patch_size=(16, 16, 16), prefetch=True)
+    without = sliding_window_predict(image, smooth_predictor, patch_size=(16, 16, 16), prefetch=False)
     np.testing.assert_array_equal(with_prefetch, without)
     assert with_prefetch.shape == (10, 20, 26, 3)
 
@@ -103,13 +99,14 @@ def test_accumulator_wraps_around_the_ring():
 
 def test_float16_accumulation_is_close_and_halves_the_ring():
     image = volume()
-    exact = sliding_window_predict(image, smooth_predictor, (16, 16, 16), 0.5)
-    half = sliding_window_predict(image, smooth_predictor, (16, 16, 16), 0.5, accumulation="float16")
+    exact = sliding_window_predict(image, smooth_predictor, patch_size=(16, 16, 16), overlap=0.5)
+    half = sliding_window_predict(image, smooth_predictor, patch_size=(16, 16, 16), overlap=0.5,
+                                  accumulation="float16")
     assert half.dtype == np.float32
     error = np.abs(half - exact).max()
     assert 0 < error < 5e-3  # float16 keeps ~3 significant digits of sums up to ~8
     with pytest.raises(BadInputError, match=r"^accumulation must be one of float32, float16, got 'int8'$"):
-        sliding_window_predict(image, smooth_predictor, (16, 16, 16), accumulation="int8")
+        sliding_window_predict(image, smooth_predictor, patch_size=(16, 16, 16), accumulation="int8")
 
 
 def test_prefetch_thread_stops_when_the_run_fails():
@@ -117,7 +114,7 @@ def test_prefetch_thread_stops_when_the_run_fails():
         raise RuntimeError("model failed")
 
     with pytest.raises(RuntimeError, match="model failed"):
-        sliding_window_predict(volume(), failing, (16, 16, 16), 0.5)
+        sliding_window_predict(volume(), failing, patch_size=(16, 16, 16), overlap=0.5)
     assert not [t for t in threading.enumerate() if t.name in ("unet3d-prefetch", "unet3d-model")]
 
 
@@ -133,8 +130,8 @@ def test_model_thread_gives_the_same_values_and_progress_as_running_in_turn():
             seen.append(float(batch[:, 0, 0, 0, 0].sum()))
             return smooth_predictor(batch)
 
-        values = sliding_window_predict(image, recording, (16, 16, 16), 0.5, batch_size=3, mirror_axes=(0, 2),
-                                        progress=lambda d, t: steps.append((d, t)), prefetch=prefetch)
+        window = WindowConfig((16, 16, 16), 0.5, batch_size=3, mirror_axes=(0, 2), prefetch=prefetch)
+        values = sliding_window_predict(image, recording, window, progress=lambda d, t: steps.append((d, t)))
         runs[prefetch] = (values, steps, seen)
     np.testing.assert_array_equal(runs[True][0], runs[False][0])
     assert runs[True][1] == runs[False][1] and runs[True][1][-1] == (72, 72)  # 18 tiles x 4 flips
@@ -268,25 +265,26 @@ def test_seed_network_flops_and_expected_time():
 @pytest.mark.parametrize("bands", [2, 3, 7])
 def test_blending_in_y_bands_on_several_threads_is_bit_identical(bands: int, monkeypatch):
     """Machines with many cores blend in y bands on a thread pool: the sums must not change by one bit."""
-    import UNet3DSegmentLib.engine.window as inference
+    import UNet3DSegmentLib.engine.window as window_module
 
     image = volume((30, 37, 26))
-    single = sliding_window_predict(image, smooth_predictor, (16, 16, 16), 0.5, batch_size=3)
-    monkeypatch.setattr(inference, "blend_threads", lambda cores=None: bands)
+    window = WindowConfig((16, 16, 16), 0.5, batch_size=3)
+    single = sliding_window_predict(image, smooth_predictor, window)
+    monkeypatch.setattr(window_module, "blend_threads", lambda cores=None: bands)
     threads_seen: set[str] = set()
 
     def spying(batch: np.ndarray) -> np.ndarray:
         threads_seen.update(t.name for t in threading.enumerate())
         return smooth_predictor(batch)
 
-    banded = sliding_window_predict(image, spying, (16, 16, 16), 0.5, batch_size=3)
+    banded = sliding_window_predict(image, spying, window)
     np.testing.assert_array_equal(banded, single)
     assert any(name.startswith("unet3d-blend") for name in threads_seen)
     assert not [t for t in threading.enumerate() if t.name.startswith("unet3d-blend")]  # pool shut down
 
 
 def test_blend_threads_grow_with_the_cores():
-    from UNet3DSegmentLib.engine.window import _band_edges, blend_threads
+    from UNet3DSegmentLib.engine.accumulator import _band_edges, blend_threads
 
     assert [blend_threads(c) for c in (1, 2, 4, 8, 16, 64)] == [1, 1, 1, 2, 4, 4]
     assert _band_edges(10, 3) == [(0, 3), (3, 7), (7, 10)]

@@ -15,7 +15,8 @@ from conftest import TINY_CARD, TINY_PATCH
 
 from UNet3DSegmentLib.base.errors import BadInputError, BadModelError
 from UNet3DSegmentLib.engine.card import card_from_dict, card_path_for_model
-from UNet3DSegmentLib.engine.loading import LoadedModel, configure_tensorflow, load_model
+from UNet3DSegmentLib.engine.loading import LoadedModel, load_model
+from UNet3DSegmentLib.runtime.tensorflow_setup import configure_tensorflow
 
 
 def batch(n: int, channels: int = 1, patch=TINY_PATCH, seed: int = 1) -> np.ndarray:
@@ -52,7 +53,7 @@ def test_configure_tensorflow_in_a_fresh_process():
     script = (
         "import logging, tensorflow as tf\n"
         "logging.basicConfig(level=logging.WARNING, format='%(message)s')\n"
-        "from UNet3DSegmentLib.engine.loading import configure_tensorflow as c\n"
+        "from UNet3DSegmentLib.runtime.tensorflow_setup import configure_tensorflow as c\n"
         "print(c('cpu', threads=1), c('cpu', threads=1))\n"
         "print(tf.config.threading.get_intra_op_parallelism_threads(),"
         " tf.config.threading.get_inter_op_parallelism_threads(),"
@@ -72,8 +73,9 @@ def test_configure_tensorflow_in_a_fresh_process():
     "kwargs, message",
     [
         ({"device": "cuda"}, "device must be one of auto, cpu, gpu, got 'cuda'"),
-        ({"threads": 0}, "threads must be a positive integer, got 0"),
-        ({"gpu_index": -1}, "GPU index must be an integer >= 0, got -1"),
+        ({"threads": 0}, "threads must be >= 1, got 0"),
+        ({"gpu_index": -1}, "gpu index must be >= 0, got -1"),
+        ({"gpu_memory_limit": 5}, "gpu memory limit must be at least 1 MiB, got 5"),
     ],
 )
 def test_configure_tensorflow_rejects_bad_options(kwargs, message):
@@ -89,6 +91,14 @@ def test_configure_tensorflow_gpu_without_gpu():
     with pytest.raises(BadInputError, match="device gpu was requested but TensorFlow sees no GPU"):
         configure_tensorflow("gpu")
     assert configure_tensorflow("auto") == "cpu"
+
+
+def test_loading_uses_the_one_record_of_the_device(loaded: LoadedModel):
+    from UNet3DSegmentLib.runtime.backends import ensure_configured
+    from UNet3DSegmentLib.runtime.state import device_in_effect
+
+    assert device_in_effect("tensorflow") == device_in_effect() == loaded.device
+    assert ensure_configured() == loaded.device  # configured once: asking again changes nothing
 
 
 # ------------------------------------------------------------------------------------------------
@@ -117,7 +127,7 @@ def test_predict_traces_once_for_any_batch_size(loaded: LoadedModel, reference):
     _, x, expected = reference
     for n in (1, 2, 3, 1):
         np.testing.assert_allclose(loaded.predict(x[:n]), expected[:n], rtol=0, atol=1e-6)
-    assert loaded._function.experimental_get_tracing_count() == 1
+    assert loaded._function.function.experimental_get_tracing_count() == 1
 
 
 def test_predict_converts_to_float32(loaded: LoadedModel, reference):

@@ -8,6 +8,8 @@ missing from the package, a parameter bound to nothing), so it is caught here by
 from __future__ import annotations
 
 import ast
+import enum
+import importlib
 import json
 import re
 import struct
@@ -62,11 +64,18 @@ def ui_parameter_bindings() -> dict[str, str]:
 
 
 def enum_classes(tree: ast.Module) -> set[str]:
-    return {
+    """Enums the module defines, or imports from the Lib (the panel's enums are made from the options schema)."""
+    names = {
         node.name
         for node in tree.body
         if isinstance(node, ast.ClassDef) and any(ast.unparse(b) in ("enum.Enum", "Enum") for b in node.bases)
     }
+    for node in tree.body:
+        if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("UNet3DSegmentLib"):
+            module = importlib.import_module(node.module)
+            names |= {a.name for a in node.names
+                      if isinstance(getattr(module, a.name, None), type) and issubclass(getattr(module, a.name), enum.Enum)}
+    return names
 
 
 def declared_parameters() -> dict[str, str]:
@@ -156,9 +165,12 @@ def test_every_file_cmake_lists_exists_and_every_module_file_is_listed() -> None
     listed = cmake_listed_files()
     missing = [item for item in listed if not (MODULE_DIR / item).is_file()]
     assert missing == []
-    python_files = {"UNet3DSegment.py"} | {f"UNet3DSegmentLib/{p.name}" for p in LIB_DIR.glob("*.py")}
+    python_files = {"UNet3DSegment.py"} | {str(p.relative_to(MODULE_DIR)) for p in LIB_DIR.rglob("*.py")}
+    not_for_slicer = {f for f in python_files if f.split("/")[1:2] in (["training"], ["web"])}
     resources = {str(p.relative_to(MODULE_DIR)) for p in (MODULE_DIR / "Resources").rglob("*") if p.is_file()}
-    assert sorted(python_files - set(listed)) == []
+    assert len(not_for_slicer) >= 5  # the training code and the web app exist, and are left out
+    assert sorted(python_files - not_for_slicer - set(listed)) == []
+    assert sorted(not_for_slicer & set(listed)) == []
     assert sorted(resources - set(listed)) == []
     assert len(listed) == len(set(listed))
 
@@ -200,7 +212,8 @@ def test_catalog_entry_follows_the_extensions_index_schema() -> None:
     assert all(isinstance(entry[k], str) for k in ("category", "scm_url", "scm_revision", "build_subdirectory"))
 
 
-@pytest.mark.parametrize("path", [MODULE_FILE, *sorted(LIB_DIR.glob("*.py"))], ids=lambda p: p.name)
+@pytest.mark.parametrize("path", [MODULE_FILE, *sorted(LIB_DIR.rglob("*.py"))],
+                         ids=lambda p: str(p.relative_to(MODULE_DIR)))
 def test_python_files_parse_as_python_3_9(path: Path) -> None:
     """Slicer 5.8 bundles Python 3.9: no 3.10+ syntax, and no ``X | Y`` in annotations evaluated at run time."""
     source = path.read_text(encoding="utf-8")
@@ -222,7 +235,7 @@ def test_module_file_keeps_the_template_shape() -> None:
     assert classes["UNet3DSegmentLogic"][0] == "ScriptedLoadableModuleLogic"
     assert classes["UNet3DSegmentTest"] == ["ScriptedLoadableModuleTest"]
     assert "UNet3DSegmentParameterNode" in classes
-    assert len(MODULE_FILE.read_text(encoding="utf-8").splitlines()) < 500
+    assert len(MODULE_FILE.read_text(encoding="utf-8").splitlines()) < 400
     # Nothing installs packages when the module is imported (generic tests import and build it).
     top_level_calls = [ast.unparse(n) for n in tree.body if isinstance(n, ast.Expr) and isinstance(n.value, ast.Call)]
     assert top_level_calls == []
@@ -245,3 +258,37 @@ def test_icon_is_a_128_pixel_png() -> None:
 def test_license_is_apache_2() -> None:
     text = (ROOT / "LICENSE").read_text(encoding="utf-8")
     assert "Apache License" in text and "Version 2.0, January 2004" in text
+
+
+def test_panel_parameters_take_ranges_defaults_and_enums_from_the_options_schema() -> None:
+    """Each panel parameter named after a segment option is that option: same range, default and choices."""
+    from UNet3DSegmentLib.base.options import SegmentOptions
+    from UNet3DSegmentLib.client import panel_options
+
+    source = MODULE_FILE.read_text(encoding="utf-8")
+    bound = [o for o in SegmentOptions.OPTIONS.values() if o.camel in declared_parameters()]
+    assert {o.name for o in bound} >= {"overlap", "batch_size", "device", "precision", "backend", "tta",
+                                       "largest_component", "gpu_memory_limit"}
+    for declared in bound:
+        line = next(l for l in source.splitlines() if l.strip().startswith(f"{declared.camel}:"))
+        assert f'default("{declared.name}")' in line, line  # no default written twice
+        if declared.kind in (int, float) and not declared.is_size:
+            assert f'WithinRange(*panel_range("{declared.name}"))' in line, line
+    assert [e.value for e in panel_options.Precision] == list(SegmentOptions.spec("precision").choices)
+    assert panel_options.Device("gpu").label() == "GPU"
+    assert panel_options.panel_range("overlap") == (0.0, 0.95)
+    assert panel_options.default("gpu_memory_limit") == ""
+
+
+def test_no_choice_list_is_written_twice() -> None:
+    """Each option's list of choices appears in one file only: base/options.py."""
+    from UNet3DSegmentLib.base.options import JobOptions, SegmentOptions, TrainOptions
+
+    lists = [o.choices for group in (SegmentOptions, JobOptions, TrainOptions) for o in group.OPTIONS.values()
+             if len(o.choices) >= 2]
+    sources = {p: p.read_text(encoding="utf-8") for p in [MODULE_FILE, *LIB_DIR.rglob("*.py")]}
+    for choices in lists:
+        spelled = [re.escape(repr(c)) for c in choices]
+        pattern = re.compile(r"\s*,\s*".join(spelled).replace("'", "[\"']"))
+        holders = sorted(str(p.relative_to(MODULE_DIR)) for p, text in sources.items() if pattern.search(text))
+        assert holders == ["UNet3DSegmentLib/base/options.py"], (choices, holders)

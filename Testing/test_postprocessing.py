@@ -1,11 +1,11 @@
-"""Argmax labelmaps, largest-component clean-up and Dice on hand-made arrays."""
+"""Argmax labelmaps, largest-component clean-up and Dice (engine/metrics) on hand-made arrays."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
-from UNet3DSegmentLib.engine import postprocessing
+from UNet3DSegmentLib.engine import metrics, postprocessing
 from UNet3DSegmentLib.base.errors import BadInputError
 from UNet3DSegmentLib.engine.postprocessing import (
     dice,
@@ -149,3 +149,34 @@ def test_dice_per_class():
 def test_dice_shape_mismatch():
     with pytest.raises(BadInputError, match=r"same shape to compare, got \(2, 2\) and \(2, 3\)"):
         dice(np.zeros((2, 2)), np.zeros((2, 3)), 1)
+
+
+def test_dice_of_boolean_masks():
+    a = np.array([[True, True, False], [False, True, False]])
+    b = np.array([[True, False, False], [False, True, True]])
+    assert metrics.dice(a, b, True) == pytest.approx(2 * 2 / (3 + 3))
+    assert metrics.dice(a, b, False) == pytest.approx(2 * 2 / (3 + 3))
+
+
+def test_counts_and_dice_from_counts_agree_with_dice():
+    """Counts added over batches give the Dice of the whole: how training scores its validation set."""
+    rng = np.random.default_rng(0)
+    pred, ref = rng.integers(0, 4, size=(2, 5, 6, 7)), rng.integers(0, 4, size=(2, 5, 6, 7))
+    ref[ref == 3] = 0  # label 3 only in the prediction; label 5 in neither
+    counts = metrics.class_counts(pred[0], ref[0], 6) + metrics.class_counts(pred[1], ref[1], 6)
+    np.testing.assert_array_equal(counts, metrics.label_counts(pred, ref, range(6)))
+    whole = metrics.dice_from_counts(*counts)
+    assert whole.tolist() == pytest.approx([metrics.dice(pred, ref, k) for k in range(6)])
+    assert whole[3] == 0.0 and whole[5] == 1.0
+    with pytest.raises(BadInputError, match="same shape to compare"):
+        metrics.class_counts(pred[0], ref, 4)
+
+
+def test_dice_has_one_implementation():
+    """postprocessing, the Slicer self-test phantom and training all use engine/metrics."""
+    from UNet3DSegmentLib.client import phantom
+    from UNet3DSegmentLib.training import loop
+
+    assert postprocessing.dice is metrics.dice and postprocessing.dice_per_class is metrics.dice_per_class
+    assert phantom.dice is metrics.dice
+    assert loop.class_counts is metrics.class_counts and loop.dice_from_counts is metrics.dice_from_counts

@@ -11,10 +11,11 @@ import SimpleITK as sitk
 from UNet3DSegmentLib.base.errors import BadInputError
 from UNet3DSegmentLib.engine.loading import load_model
 from UNet3DSegmentLib.engine.postprocessing import dice_per_class
+from UNet3DSegmentLib.runtime.cpu import cpu_flags, cpu_has_bf16
 from UNet3DSegmentLib.runtime.precision import (
+    MIN_BF16_PATCH_SIDE,
     apply_precision,
-    cpu_flags,
-    cpu_has_bf16,
+    choose_precision,
     model_policy,
     resolve_precision,
 )
@@ -65,6 +66,14 @@ def test_cpu_flags_are_read_from_cpuinfo(tmp_path: Path):
     assert cpu_has_bf16(frozenset({"amx_bf16"})) and not cpu_has_bf16(OLD_CPU)
 
 
+def test_training_precision_follows_the_mixed_precision_option():
+    assert choose_precision("off") == "float32"
+    assert choose_precision("on", (16, 16, 16)) == "mixed_bfloat16"
+    assert choose_precision("auto", (MIN_BF16_PATCH_SIDE - 8,) * 3) == "float32"  # tiny patches: NaN risk
+    with pytest.raises(BadInputError, match=r"^mixed precision must be one of auto, on, off, got 'maybe'$"):
+        choose_precision("maybe")
+
+
 @pytest.fixture(scope="module")
 def fp32_model(tiny_model_path: Path):
     return load_model(tiny_model_path, precision="fp32")
@@ -89,7 +98,7 @@ def test_bf16_model_keeps_float32_output_and_matches_fp32(tiny_model_path: Path,
     error = np.abs(mixed - exact).max()
     assert 0 < error < 0.05  # really lower precision, still close
     assert (mixed.argmax(-1) == exact.argmax(-1)).mean() > 0.97
-    assert loaded._function.experimental_get_tracing_count() == 1
+    assert loaded._function.function.experimental_get_tracing_count() == 1
 
 
 def test_fp32_leaves_a_float32_model_unchanged(fp32_model):

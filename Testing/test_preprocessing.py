@@ -11,6 +11,7 @@ import SimpleITK as sitk
 
 from conftest import TINY_CARD, oblique_anisotropic_image
 from UNet3DSegmentLib.base.errors import BadInputError, BadModelError
+from UNet3DSegmentLib.engine.metrics import dice
 from UNet3DSegmentLib.engine.preprocessing import nonzero_box, normalize, prepare, target_grid, Grid
 
 
@@ -51,7 +52,8 @@ def _centroid_mm(image: sitk.Image, mask_zyx: np.ndarray) -> np.ndarray:
 
 
 def _dice(a: np.ndarray, b: np.ndarray) -> float:
-    return 2.0 * np.logical_and(a, b).sum() / (a.sum() + b.sum())
+    """Dice of two boolean masks (the one implementation, engine/metrics)."""
+    return dice(np.asarray(a, dtype=bool), np.asarray(b, dtype=bool), True)
 
 
 # ----------------------------------------------------------------------------------- identity path

@@ -1,10 +1,7 @@
-import enum
-import html
 import os
 import pathlib
 import shutil
 import sys
-import tempfile
 import time
 from typing import Annotated, Optional
 
@@ -23,8 +20,9 @@ from slicer.parameterNodeWrapper import (
 
 from slicer import vtkMRMLScalarVolumeNode, vtkMRMLSegmentationNode
 
-from UNet3DSegmentLib.client import dependencies, panel_text, phantom
 from UNet3DSegmentLib.base.errors import BadInputError, CancelledError, UNet3DSegmentError
+from UNet3DSegmentLib.client import dependencies, install, panel_text, phantom
+from UNet3DSegmentLib.client.panel_options import Backend, Device, Precision, default, options_from_parameters, panel_range
 from UNet3DSegmentLib.mrml.logic import UNet3DSegmentLogic as SegmentationLogicBase
 
 MAX_CHANNELS = 4  # input selectors in the panel; the Python API takes any number
@@ -61,34 +59,6 @@ Built on the 3D U-Net of Cicek et al. (2016), TensorFlow/Keras, SimpleITK and 3D
 #
 
 
-class Device(enum.Enum):
-    AUTO = "auto"
-    GPU = "gpu"
-    CPU = "cpu"
-
-    def label(self):
-        return {"auto": _("Automatic (GPU if available)"), "gpu": _("GPU"), "cpu": _("CPU")}[self.value]
-
-
-class Precision(enum.Enum):
-    AUTO = "auto"
-    FP32 = "fp32"
-    BF16 = "bf16"
-    FP16 = "fp16"
-
-    def label(self):
-        return {"auto": _("Automatic"), "fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}[self.value]
-
-
-class Backend(enum.Enum):
-    TENSORFLOW = "tensorflow"
-    TORCH = "torch"
-    JAX = "jax"
-
-    def label(self):
-        return {"tensorflow": "TensorFlow", "torch": "PyTorch", "jax": "JAX"}[self.value]
-
-
 @parameterNodeWrapper
 class UNet3DSegmentParameterNode:
     """The panel's choices, saved with the scene. inputVolume0..3 are the model card's channels in order."""
@@ -99,14 +69,15 @@ class UNet3DSegmentParameterNode:
     inputVolume3: vtkMRMLScalarVolumeNode
     outputSegmentation: vtkMRMLSegmentationNode
     modelPath: pathlib.Path
-    device: Device = Device.AUTO
-    overlap: Annotated[float, WithinRange(0.0, 0.95)] = 0.5
-    batchSize: Annotated[int, WithinRange(1, 64)] = 2
-    tta: bool = False
-    largestComponent: bool = False
-    precision: Precision = Precision.AUTO
-    backend: Backend = Backend.TENSORFLOW
-    gpuMemoryLimitGB: Annotated[float, WithinRange(0.0, 1024.0)] = 0.0  # 0: no limit
+    # One field per option on the panel; enums, ranges and defaults come from UNet3DSegmentLib.base.options.
+    device: Device = default("device")
+    overlap: Annotated[float, WithinRange(*panel_range("overlap"))] = default("overlap")
+    batchSize: Annotated[int, WithinRange(*panel_range("batch_size"))] = default("batch_size")
+    tta: bool = default("tta")
+    largestComponent: bool = default("largest_component")
+    precision: Precision = default("precision")
+    backend: Backend = default("backend")
+    gpuMemoryLimit: str = default("gpu_memory_limit")  # a size such as 6G; empty: no limit
     pythonExecutable: str = ""
 
 
@@ -203,7 +174,7 @@ class UNet3DSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.ui.classesLabel.text = panel_text.classes_html(self._card)
         except UNet3DSegmentError as error:
             self._card = None
-            self.ui.modelCardLabel.text = f"<span style='color:#c00000'>{html.escape(str(error))}</span>"
+            self.ui.modelCardLabel.text = panel_text.error_html(error)
             self.ui.classesLabel.text = ""
         channels = self._card.in_channels if self._card else 1
         for index, (label, selector) in enumerate(zip(self._inputLabels, self._inputSelectors)):
@@ -257,37 +228,24 @@ class UNet3DSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 if not slicer.util.confirmOkCancelDisplay(question):
                     return
             self._tracker = panel_text.ProgressTracker()
-            gpuLimit = f"{p.gpuMemoryLimitGB:g}G" if p.gpuMemoryLimitGB > 0 else None
             self._job = self.logic.segment(
-                self._inputVolumes(), output, model=p.modelPath, overlap=p.overlap, batchSize=p.batchSize,
-                tta=p.tta, device=p.device.value, precision=p.precision.value, largestComponent=p.largestComponent,
-                backend=p.backend.value, gpuMemoryLimit=gpuLimit, pythonExecutable=python,
-                replaceExisting=output is not None, waitForCompletion=False, progress=self.onProgress)
+                self._inputVolumes(), output, model=p.modelPath, options=options_from_parameters(p),
+                pythonExecutable=python, replaceExisting=output is not None, waitForCompletion=False,
+                progress=self.onProgress)
             self._setRunning(True)
             self._timer.start()
 
     def _ensureDependencies(self, python: Optional[str]) -> bool:
         """Offer to install what Slicer's Python lacks (never at import, never under --testing)."""
-        environment = None if python is None else slicer.util.startupEnvironment()
-        modules = dependencies.engine_modules(self._parameterNode.backend.value)
-        missing = dependencies.missing_modules(python, modules, env=environment)
-        if not missing:
-            return True
-        requirements = dependencies.requirements_for(missing, self.resourcePath("requirements.txt"))
-        if python is not None:  # the user's own environment: say what to run, do not change it
-            command = dependencies.install_command(python, requirements)
-            raise BadInputError(_("{python} lacks {missing}; install them with: {command}").format(
-                python=python, missing=", ".join(missing), command=command))
-        if slicer.app.testingEnabled():
-            raise BadInputError(_("Slicer's Python lacks {missing}; not installing during tests").format(
-                missing=", ".join(missing)))
-        question = _("The segmentation engine needs {packages} in Slicer's Python (TensorFlow or PyTorch is "
-                     "a download of several hundred MB). Slicer's own numpy, SimpleITK and VTK are kept. "
-                     "Install now?").format(
-            packages=", ".join(requirements))
-        if not slicer.util.confirmOkCancelDisplay(question):
-            return False
-        self.logic.installDependencies(requirements)
+        plan = install.plan_dependencies(
+            python, self._parameterNode.backend.value, self.resourcePath("requirements.txt"),
+            testing=slicer.app.testingEnabled(), env=None if python is None else slicer.util.startupEnvironment())
+        if plan.action == "refuse":
+            raise BadInputError(plan.message)
+        if plan.action == "ask":
+            if not slicer.util.confirmOkCancelDisplay(plan.message):
+                return False
+            self.logic.installDependencies(plan.requirements)
         return True
 
     def onProgress(self, event: dict) -> None:
@@ -373,19 +331,16 @@ class UNet3DSegmentLogic(ScriptedLoadableModuleLogic, SegmentationLogicBase):
 
     def installDependencies(self, requirements: list, skipInTesting: bool = True) -> None:
         """pip-install ``requirements`` into Slicer's Python, pinning Slicer's own numpy/SimpleITK/VTK."""
-        folder = pathlib.Path(tempfile.mkdtemp(prefix="UNet3DSegment-pip-"))
-        try:
-            constraints = folder / "constraints.txt"
-            constraints.write_text(dependencies.constraints_text(), encoding="utf-8")
-            try:
-                import slicer.packaging  # Slicer >= 5.12
-            except ImportError:
-                slicer.util.pip_install(["-c", str(constraints)] + list(requirements))
-            else:
-                slicer.packaging.pip_ensure(requirements, constraints=str(constraints), prompt_install=False,
-                                            requester="UNet3DSegment", skip_in_testing=skipInTesting)
-        finally:
-            shutil.rmtree(folder, ignore_errors=True)
+        install.install_requirements(requirements, slicer.util.pip_install, _pipEnsure(), skipInTesting)
+
+
+def _pipEnsure():
+    """``slicer.packaging.pip_ensure`` on Slicer 5.12 and later; None on 5.8 and 5.10, which lack it."""
+    try:
+        from slicer.packaging import pip_ensure
+    except ImportError:
+        return None
+    return pip_ensure
 
 
 #

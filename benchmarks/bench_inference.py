@@ -98,7 +98,8 @@ def load_predictor(args: argparse.Namespace, precision: str) -> Any:
         from UNet3DSegmentLib.runtime.tensorflow_setup import import_tensorflow_quietly
 
         import_tensorflow_quietly()
-    from UNet3DSegmentLib.engine.loading import configure_runtime, load_model
+    from UNet3DSegmentLib.engine.loading import load_model
+    from UNet3DSegmentLib.runtime.backends import configure_runtime
 
     configure_runtime(args.device, threads=args.threads)
     if args.model:
@@ -178,8 +179,8 @@ def time_window(kind: str, image: np.ndarray, loaded: Any, args: argparse.Namesp
         from UNet3DSegmentLib.engine.window import sliding_window_predict
 
         serial = args.serial or kind == "engine-serial"
-        result = sliding_window_predict(image, counted, loaded.patch_size, args.overlap, "gaussian",
-                                        args.batch_size, prefetch=not serial)
+        result = sliding_window_predict(image, counted, patch_size=loaded.patch_size, overlap=args.overlap,
+                                        blend="gaussian", batch_size=args.batch_size, prefetch=not serial)
     else:
         result = run_monai(image, counted, loaded.patch_size, args)
     labels = result.argmax(-1)
@@ -367,9 +368,9 @@ def demo_dice(args: argparse.Namespace) -> dict[str, Any]:
     """Segment the MNI template with the demo model in fp32 and bf16 (one process each); Dice of both."""
     code = (
         "import json, sys, time\n"
-        "from UNet3DSegmentLib.runtime.tensorflow_setup import import_tensorflow_quietly\n"
+        "from UNet3DSegmentLib.runtime.tensorflow_setup import configure_tensorflow, import_tensorflow_quietly\n"
         "import_tensorflow_quietly()\n"
-        "from UNet3DSegmentLib.engine.loading import configure_tensorflow, load_model\n"
+        "from UNet3DSegmentLib.engine.loading import load_model\n"
         "from UNet3DSegmentLib.engine.bundled_models import default_model_path\n"
         "from UNet3DSegmentLib.training.demo import load_template\n"
         "from UNet3DSegmentLib.engine.pipeline import SegmentOptions, segment_images\n"
@@ -480,7 +481,8 @@ def oom_check_child(args: argparse.Namespace) -> dict[str, Any]:
         warnings: list[str] = []
         predictor = FallbackPredictor(loaded.predict, loaded.device, loaded.cpu_predictor, warnings.append)
         start = time.perf_counter()
-        probabilities = sliding_window_predict(image, predictor, patch, args.overlap, "gaussian", 8)
+        probabilities = sliding_window_predict(image, predictor, patch_size=patch, overlap=args.overlap,
+                                               blend="gaussian", batch_size=8)
         return probabilities, warnings, time.perf_counter() - start, predictor.device
 
     reference, _, reference_seconds, _ = run(None)
@@ -513,7 +515,7 @@ def jax_oom_check_child(args: argparse.Namespace) -> dict[str, Any]:
     that copy, and give exactly the reference.
     """
     from UNet3DSegmentLib.runtime.fallback import FallbackPredictor
-    from UNet3DSegmentLib.engine.window import sliding_window_predict
+    from UNet3DSegmentLib.engine.window import WindowConfig, sliding_window_predict
 
     loaded = load_predictor(args, "bf16")
     if not loaded.device.startswith("gpu") or loaded.backend != "jax":
@@ -521,11 +523,12 @@ def jax_oom_check_child(args: argparse.Namespace) -> dict[str, Any]:
     patch = loaded.patch_size
     image = np.random.default_rng(0).normal(size=shape_of(args.shape) + (loaded.in_channels,)).astype(np.float32)
     cpu = loaded.cpu_predictor()
-    reference = sliding_window_predict(image, cpu.predict, patch, args.overlap, "gaussian", args.batch_size)
+    window = WindowConfig(patch_size=patch, overlap=args.overlap, blend="gaussian", batch_size=args.batch_size)
+    reference = sliding_window_predict(image, cpu.predict, window)
     warnings: list[str] = []
     predictor = FallbackPredictor(loaded.predict, loaded.device, loaded.cpu_predictor, warnings.append)
     start = time.perf_counter()
-    capped = sliding_window_predict(image, predictor, patch, args.overlap, "gaussian", args.batch_size)
+    capped = sliding_window_predict(image, predictor, window)
     return {"memory_fraction": os.environ.get("XLA_PYTHON_CLIENT_MEM_FRACTION"), "warnings": warnings,
             "device_at_end": predictor.device, "seconds": time.perf_counter() - start,
             "identical_to_cpu_reference": bool(np.array_equal(capped, reference))}

@@ -121,7 +121,7 @@ def evaluate(model_path: Path, maps, evaluation_seeds) -> dict:
 def main() -> int:
     args = parse_args()
     from UNet3DSegmentLib.engine.card import card_from_dict, card_path_for_model, load_card, save_card
-    from UNet3DSegmentLib.engine.loading import configure_tensorflow
+    from UNet3DSegmentLib.runtime.tensorflow_setup import configure_tensorflow
     from UNet3DSegmentLib.training.loop import TrainConfig, train
 
     configure_tensorflow("auto")  # all cores intra-op, one inter-op thread: before TensorFlow starts

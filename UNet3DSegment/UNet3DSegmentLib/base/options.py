@@ -27,7 +27,7 @@ import enum
 import math
 import typing
 from dataclasses import dataclass
-from typing import Any, ClassVar, Iterable, Mapping, Optional, Sequence, TypeVar
+from typing import Any, Callable, ClassVar, Iterable, Mapping, Optional, Sequence, TypeVar
 
 from .errors import BadInputError
 from .units import format_size, parse_size
@@ -56,6 +56,7 @@ class Option:
     metavar: Optional[str] = None
     label: str = ""  # short text for panels
     group: str = ""  # which part of a panel or command it belongs to (e.g. "runtime")
+    convert: Optional[Callable[[Any], Any]] = None  # for structured values (a patch size): text or value in, value out
 
     @property
     def title(self) -> str:
@@ -102,6 +103,8 @@ class Option:
             if isinstance(value, bool):
                 return value
             raise BadInputError(f"{self.title} must be true or false, got {value!r}")
+        if self.convert is not None:
+            return self.convert(value)
         if self.choices:
             text = str(getattr(value, "value", value)).lower()  # enums of the panel carry the value
             if text not in self.choices:
@@ -150,7 +153,7 @@ class Option:
             return None
         if self.is_size:
             return self.check(parse_size(text))
-        if self.kind in (int, float) and not self.choices:
+        if self.kind in (int, float) and not self.choices and self.convert is None:
             try:
                 number = self.kind(text)
             except ValueError as error:
@@ -163,6 +166,8 @@ class Option:
         """Command-line text for ``value`` (the inverse of :meth:`parse`)."""
         if isinstance(value, float):
             return repr(value)
+        if isinstance(value, tuple):
+            return ",".join(str(v) for v in value)
         return str(value)
 
 
@@ -261,6 +266,22 @@ def choice_enum(declared: Option, class_name: str) -> type[enum.Enum]:
     return made
 
 
+def patch_size(value: Any) -> tuple[int, int, int]:
+    """``"64"``, ``"32,64,64"``, ``"32x64x64"`` or a sequence -> ``(z, y, x)``, each a multiple of 8."""
+    try:
+        if isinstance(value, str):
+            parts = [int(p) for p in value.replace("x", ",").split(",") if p.strip()]
+        else:
+            parts = [int(p) for p in value]
+    except (TypeError, ValueError) as error:
+        raise BadInputError(f"patch must be one or three multiples of 8 (z,y,x), got {value!r}") from error
+    if len(parts) == 1:
+        parts *= 3
+    if len(parts) != 3 or any(p < 8 or p % 8 for p in parts):
+        raise BadInputError(f"patch must be one or three multiples of 8 (z,y,x), got {value!r}")
+    return (parts[0], parts[1], parts[2])
+
+
 # ---------------------------------------------------------------------------------------------------
 # The options
 # ---------------------------------------------------------------------------------------------------
@@ -335,7 +356,7 @@ class TrainOptions(OptionGroup):
     normalization: str = option("zscore-nonzero", "intensity normalisation; use --card for 'window'",
                                 choices=tuple(n for n in NORMALIZATIONS if n != "window"))
     crop_to_nonzero: bool = option(False, "crop inputs to their non-zero box")
-    patch: str = option("64", "patch size z,y,x or one side, multiples of 8")
+    patch: tuple = option((64, 64, 64), "patch size z,y,x or one side, multiples of 8", convert=patch_size)
     base_filters: int = option(16, "filters of the first level (seed: 32)", minimum=1)
     epochs: int = option(20, "training epochs", minimum=1)
     steps_per_epoch: int = option(50, "training steps per epoch", minimum=1)

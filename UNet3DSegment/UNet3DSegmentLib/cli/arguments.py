@@ -18,19 +18,20 @@ T = TypeVar("T", bound=OptionGroup)
 
 
 def add_options(
-    parser: argparse.ArgumentParser | Any,
-    group: type[OptionGroup],
+    parser: Any,
+    declared_in: type[OptionGroup],
     only: Optional[Iterable[str]] = None,
     exclude: Iterable[str] = (),
+    section: Optional[str] = None,
     **overrides: dict[str, Any],
 ) -> None:
-    """Add one argument per option of ``group`` (``only`` some, minus ``exclude``).
+    """Add one argument per option of ``declared_in`` (``only`` some, or one ``section``, minus ``exclude``).
 
     ``overrides`` maps an option name to argparse keyword arguments that differ for this command
     (e.g. ``help`` where ``estimate`` counts rather than runs test-time augmentation).
     """
     skipped = set(exclude)
-    for declared in group.options(only):
+    for declared in declared_in.options(only, section):
         if declared.name not in skipped:
             parser.add_argument(declared.cli_flag, **{**argument_kwargs(declared), **overrides.get(declared.name, {})})
 
@@ -69,3 +70,30 @@ def options_from_args(args: argparse.Namespace, group: type[T]) -> T:
     """The ``group`` options object from parsed arguments (options this command lacks keep their default)."""
     present = {name: getattr(args, name) for name in group.OPTIONS if hasattr(args, name)}
     return group(**present)
+
+
+def check_inputs_exist(inputs: Iterable[str]) -> None:
+    """A missing input is a one-line error before anything expensive starts."""
+    from pathlib import Path
+
+    from ..base.errors import BadInputError
+
+    for item in inputs:
+        if not Path(item).exists():
+            raise BadInputError(f"input {item} does not exist; check the path")
+
+
+def start_runtime(options: Any) -> str:
+    """Choose the Keras backend (before Keras is imported) and configure its device; return the device.
+
+    ``options`` is a ``SegmentOptions`` (backend, device, gpu_index, threads, gpu_memory_limit).
+    """
+    from ..runtime.backends import backend_installed, configure_runtime, select_backend
+
+    select_backend(options.backend, options.device, options.gpu_index, options.gpu_memory_limit)
+    if backend_installed("tensorflow"):  # Keras loads TensorFlow on every backend when it is there
+        from ..runtime.tensorflow_setup import import_tensorflow_quietly
+
+        import_tensorflow_quietly()
+    return configure_runtime(options.device, threads=options.threads, gpu_index=options.gpu_index,
+                             gpu_memory_limit=options.gpu_memory_limit)

@@ -5,8 +5,9 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from .segment import _overlap
 from ..base.errors import BadInputError
+from ..base.options import JobOptions, SegmentOptions
+from .arguments import add_options, options_from_args, start_runtime
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -21,12 +22,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--input", type=Path, help="your own T1 volume instead of the template")
     parser.add_argument("--reference", type=Path, help="reference labels for --input (0 bg, 1 CSF, 2 GM, 3 WM)")
     parser.add_argument("--output-dir", type=Path, default=Path("demo-output"), help="default: demo-output")
-    parser.add_argument("--model", type=Path, help="model .keras (default: the bundled demo model)")
-    parser.add_argument("--overlap", type=_overlap, default=0.5, help="tile overlap in [0, 1) (default 0.5)")
-    parser.add_argument("--device", choices=["auto", "cpu", "gpu"], default="auto")
-    parser.add_argument("--threads", type=int, default=None, help="CPU threads (default: all cores)")
-    parser.add_argument("--progress", choices=["bar", "json", "none"], default="bar",
-                        help="progress display: terminal bar, JSON lines on stdout, or none")
+    add_options(parser, JobOptions, only=["model"])
+    add_options(parser, SegmentOptions, only=["overlap", "device", "threads"])
+    add_options(parser, JobOptions, only=["progress"])
     parser.set_defaults(run=run)
 
 
@@ -39,12 +37,12 @@ def run(args: argparse.Namespace) -> int:
     if args.reference is not None and not args.reference.exists():
         raise BadInputError(f"reference {args.reference} does not exist; check the path")
     from ..training.demo import run_demo
-    from ..engine.loading import configure_tensorflow
-    from ..engine.pipeline import SegmentOptions
 
-    configure_tensorflow(args.device, threads=args.threads)
-    result = run_demo(args.output_dir, args.input, args.reference, args.model, SegmentOptions(overlap=args.overlap),
-                      progress=args.reporter, cancel=args.cancel)
+    options = options_from_args(args, SegmentOptions)
+    start_runtime(options)
+    model = Path(args.model) if args.model else None
+    result = run_demo(args.output_dir, args.input, args.reference, model, options, progress=args.reporter,
+                      cancel=args.cancel)
     if args.progress == "json":
         args.reporter({"stage": "done", "done": 1, "total": 1, "seconds": round(result.seconds, 3),
                        "message": f"wrote {result.segmentation}", "output": str(result.segmentation),

@@ -14,7 +14,8 @@ import sys
 import time
 from typing import Any
 
-from .segment import _non_negative_int, _overlap, _positive_int, add_runtime_arguments, select_runtime
+from ..base.options import JobOptions, SegmentOptions
+from .arguments import add_options, check_inputs_exist, options_from_args, start_runtime
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -26,32 +27,23 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         "time per device for segmenting INPUT with a model, without segmenting.",
     )
     parser.add_argument("inputs", nargs="+", metavar="INPUT", help="image file(s) or DICOM folder(s)")
-    parser.add_argument("--model", help="model .keras/.h5/SavedModel folder (default: bundled demo model)")
-    parser.add_argument("--overlap", type=_overlap, default=0.5, help="tile overlap in [0, 1) (default 0.5)")
-    parser.add_argument("--batch-size", type=_positive_int, default=2, help="patches per model call (default 2)")
-    parser.add_argument("--tta", action="store_true", help="count mirror test-time augmentation (8 passes)")
+    add_options(parser, JobOptions, only=["model"])
+    add_options(parser, SegmentOptions, only=["overlap", "batch_size", "tta", "device", "gpu_index", "threads"],
+                tta={"help": "count mirror test-time augmentation (8 passes)"})
     parser.add_argument("--probabilities", action="store_true", help="count writing the probabilities")
-    parser.add_argument("--device", choices=["auto", "cpu", "gpu"], default="auto", help="device to measure on")
-    parser.add_argument("--gpu", type=_non_negative_int, default=None, metavar="N", help="which GPU (default 0)")
-    parser.add_argument("--threads", type=_positive_int, default=None, help="CPU threads (default: all cores)")
     parser.add_argument("--measure", action="store_true",
                         help="time a few real patches on the device instead of using documented throughputs")
     parser.add_argument("--json", action="store_true", help="print the estimate as one JSON object")
-    add_runtime_arguments(parser)
+    add_options(parser, SegmentOptions, section="runtime", exclude=["device", "gpu_index", "threads"])
     parser.set_defaults(run=run)
 
 
 def run(args: argparse.Namespace) -> int:
     """Work out the estimate and print it (text, or JSON with ``--json``)."""
-    from pathlib import Path
-
-    from ..base.errors import BadInputError
-
-    for item in args.inputs:
-        if not Path(item).exists():
-            raise BadInputError(f"input {item} does not exist; check the path")
-    device = select_runtime(args)
-    estimate = build_estimate(args, device)
+    check_inputs_exist(args.inputs)
+    options = options_from_args(args, SegmentOptions)
+    device = start_runtime(options)
+    estimate = build_estimate(args, options, device)
     if args.json:
         print(json.dumps(estimate))
     else:
@@ -59,13 +51,17 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def build_estimate(args: argparse.Namespace, device: str) -> dict[str, Any]:
-    """The estimate as a JSON-ready dict (see :func:`print_estimate` for its fields)."""
+def build_estimate(args: argparse.Namespace, options: SegmentOptions, device: str) -> dict[str, Any]:
+    """The estimate as a JSON-ready dict (see :func:`print_estimate` for its fields).
+
+    ``args`` gives the inputs, the model and what to count; ``options`` how the run would go.
+    """
     from pathlib import Path
 
     from ..engine.bundled_models import default_model_path
     from ..engine.image_io import read_channels
-    from ..engine.window import count_patches, grid_starts, ring_depth
+    from ..engine.accumulator import ring_depth
+    from ..engine.tiling import count_patches, grid_starts
     from ..engine.memory import (
         activation_elements,
         budget_or_default,
@@ -75,11 +71,12 @@ def build_estimate(args: argparse.Namespace, device: str) -> dict[str, Any]:
         model_flops,
         probability_bytes,
     )
-    from ..engine.loading import cpu_cores, load_model
-    from ..runtime.precision import cpu_flags, cpu_has_bf16, resolve_precision
+    from ..engine.loading import load_model
+    from ..runtime.cpu import cpu_cores, cpu_flags, cpu_has_bf16
+    from ..runtime.precision import resolve_precision
     from ..engine.preprocessing import prepare
 
-    loaded = load_model(Path(args.model) if args.model else default_model_path(), precision=args.precision)
+    loaded = load_model(Path(args.model) if args.model else default_model_path(), precision=options.precision)
     card = loaded.card
     images = read_channels([Path(p) for p in args.inputs])
     input_shape = tuple(reversed(images[0].GetSize()))
@@ -88,30 +85,30 @@ def build_estimate(args: argparse.Namespace, device: str) -> dict[str, Any]:
     del images
     patch = loaded.patch_size
     padded = tuple(max(s, p) for s, p in zip(work_shape, patch))
-    passes = 8 if args.tta else 1
-    patches = count_patches(padded, patch, args.overlap) * passes
-    rows = min(args.batch_size, patches)
-    depth = ring_depth(grid_starts(padded, patch, args.overlap), rows, patch[0], padded[0])
+    passes = 8 if options.tta else 1
+    patches = count_patches(padded, patch, options.overlap) * passes
+    rows = min(options.batch_size, patches)
+    depth = ring_depth(grid_starts(padded, patch, options.overlap), rows, patch[0], padded[0])
     full = args.probabilities or card.input.spacing != "native"
-    budget = budget_or_default(args.max_memory)
+    budget = budget_or_default(options.max_memory)
     full_bytes = probability_bytes(work_shape, card.num_classes) + probability_bytes(input_shape, card.num_classes)
     if full and not args.probabilities and full_bytes > budget:
         full = False  # the pipeline resamples labels instead
     memory = estimate_memory(
         input_shape, input_bytes, padded, card.in_channels, card.num_classes, depth, rows, patch,
         largest_activation(loaded.keras_model), loaded.keras_model.count_params(),
-        accumulation_bytes=2 if args.accumulation == "float16" else 4, full_probabilities=full,
+        accumulation_bytes=2 if options.accumulation == "float16" else 4, full_probabilities=full,
     )
     flops = model_flops(loaded.keras_model)
     activations = activation_elements(loaded.keras_model)
     flags = cpu_flags()
-    cores = args.threads or cpu_cores()
+    cores = options.threads or cpu_cores()
     avx512 = "avx512f" in flags
     rows_out = []
-    cpu_precision = resolve_precision(args.precision, "cpu", flags)
+    cpu_precision = resolve_precision(options.precision, "cpu", flags)
     devices = [("cpu", cpu_precision)]
     if device.startswith("gpu"):
-        devices.append((device, resolve_precision(args.precision, device)))
+        devices.append((device, resolve_precision(options.precision, device)))
     for name, precision in devices:
         per_patch = expected_seconds_per_patch(flops, name, precision, cores, avx512, activations, loaded.backend)
         rows_out.append({"device": name, "precision": precision, "seconds_per_patch": per_patch,
@@ -124,7 +121,7 @@ def build_estimate(args: argparse.Namespace, device: str) -> dict[str, Any]:
         "input_shape_zyx": list(input_shape),
         "network_shape_zyx": list(work_shape),
         "patch_size": list(patch),
-        "overlap": args.overlap,
+        "overlap": options.overlap,
         "patches": patches,
         "gflop_per_patch": round(flops / 1e9, 3),
         "cpu": {"cores": cores, "avx512": avx512, "bf16": cpu_has_bf16(flags)},
@@ -133,7 +130,7 @@ def build_estimate(args: argparse.Namespace, device: str) -> dict[str, Any]:
         "accumulator_rows": int(depth),
         "times": rows_out,
         "model": str(loaded.path),
-        "accumulation": args.accumulation,
+        "accumulation": options.accumulation,
     }
 
 

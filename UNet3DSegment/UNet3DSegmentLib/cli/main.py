@@ -29,7 +29,7 @@ from ..base.errors import (
     UNet3DSegmentError,
     is_out_of_memory,
 )
-from ..engine.progress import make_reporter
+from .terminal import make_reporter
 
 PROG = "unet3d-segment"
 COMMAND_MODULES = ["segment", "train", "demo", "web", "estimate"]

@@ -5,25 +5,11 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
-from typing import Any, Optional, TextIO
+from typing import Any, Optional
 
 from ..base.errors import BadInputError
-
-
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
-    return value
-
-
-def _patch(text: str) -> tuple[int, int, int]:
-    parts = [int(p) for p in text.replace("x", ",").split(",") if p.strip()]
-    if len(parts) == 1:
-        parts *= 3
-    if len(parts) != 3 or any(p < 8 or p % 8 for p in parts):
-        raise argparse.ArgumentTypeError(f"patch must be one or three multiples of 8 (z,y,x), got {text}")
-    return tuple(parts)  # type: ignore[return-value]
+from ..base.options import JobOptions, SegmentOptions, TrainOptions
+from .arguments import add_options, options_from_args, start_runtime
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -38,63 +24,15 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     )
     parser.add_argument("data", help="imagesTr/+labelsTr/ folder or CSV of pairs")
     parser.add_argument("-o", "--output", required=True, help="model to write (.keras); its card goes beside it")
-    parser.add_argument("--card", help="model card to start from (channels, classes, spacing, normalisation)")
-    parser.add_argument("--classes", help="comma-separated class names, background first "
-                        "(default: from --card, else Background, Class 1.. up to the highest label)")
-    parser.add_argument("--channels", default="image", help="comma-separated channel names (default: image)")
-    parser.add_argument("--spacing", default="native", help="'native' or x,y,z mm to resample to (default native)")
-    parser.add_argument("--normalization", default="zscore-nonzero",
-                        choices=["zscore-nonzero", "percentile-zscore", "none"],
-                        help="intensity normalisation (default zscore-nonzero); use --card for 'window'")
-    parser.add_argument("--crop-to-nonzero", action="store_true", help="crop inputs to their non-zero box")
-    parser.add_argument("--patch", type=_patch, default=(64, 64, 64), help="patch size z,y,x or one side (default 64)")
-    parser.add_argument("--base-filters", type=_positive_int, default=16,
-                        help="filters of the first level (seed: 32; default 16)")
-    parser.add_argument("--epochs", type=_positive_int, default=20)
-    parser.add_argument("--steps-per-epoch", type=_positive_int, default=50)
-    parser.add_argument("--batch-size", type=_positive_int, default=1)
-    parser.add_argument("--learning-rate", type=float, default=1e-3)
-    parser.add_argument("--validation-fraction", type=float, default=0.2,
-                        help="share of cases held out for validation (default 0.2)")
-    parser.add_argument("--validation-patches", type=_positive_int, default=8)
-    parser.add_argument("--foreground-probability", type=float, default=0.67,
-                        help="share of patches centred on a foreground voxel (default 0.67)")
-    parser.add_argument("--no-augmentation", action="store_true", help="no flips/rotations/intensity changes")
-    parser.add_argument("--seed", type=int, default=0, help="random seed (same seed, same run)")
-    parser.add_argument("--mixed-precision", choices=["auto", "on", "off"], default="auto",
-                        help="bfloat16 compute (auto: where the CPU or GPU supports it)")
-    parser.add_argument("--resume", action="store_true", help="continue from OUTPUT's .checkpoint/ folder")
-    parser.add_argument("--overwrite", action="store_true", help="replace an existing OUTPUT")
-    parser.add_argument("--device", choices=["auto", "cpu", "gpu"], default="auto")
-    parser.add_argument("--threads", type=_positive_int, default=None, help="CPU threads (default: all cores)")
-    parser.add_argument("--progress", choices=["bar", "json", "none"], default="bar",
-                        help="progress display: terminal bar, JSON lines on stdout, or none")
+    add_options(parser, TrainOptions)
+    add_options(parser, JobOptions, only=["overwrite"], overwrite={"help": "replace an existing OUTPUT"})
+    add_options(parser, SegmentOptions, only=["device", "threads"])
+    add_options(parser, JobOptions, only=["progress"])
     parser.set_defaults(run=run)
 
 
-class TrainingBar:
-    """Progress bar of training steps on stderr, one line per validated epoch."""
-
-    def __init__(self, stream: TextIO = sys.stderr, width: int = 30) -> None:
-        self._stream = stream
-        self._width = width
-
-    def __call__(self, event: dict) -> None:
-        done, total = event.get("done", 0), event.get("total", 0)
-        if event["stage"] == "train" and total:
-            filled = int(self._width * done / total)
-            elapsed = event["seconds"]
-            eta = elapsed / done * (total - done) if done else 0.0
-            bar = "#" * filled + "-" * (self._width - filled)
-            self._stream.write(f"\r{event['message']} [{bar}] step {done}/{total}, loss {event.get('loss', 0):.3f}, "
-                               f"{elapsed:.0f}s, ~{eta:.0f}s left")
-        elif event.get("message"):
-            self._stream.write(f"\r{event['message']}\033[K\n")
-        self._stream.flush()
-
-
 def card_data_from_args(args: argparse.Namespace, highest_label: Optional[int]) -> dict:
-    """The starting model card: ``--card`` or one built from the options."""
+    """The starting model card: ``--card`` or one built from the options (``TrainOptions`` fields of ``args``)."""
     import json
 
     from ..engine.card import card_from_dict, load_card
@@ -154,23 +92,16 @@ def run(args: argparse.Namespace) -> int:
     card = card_from_dict(card_data)
     training_pairs, validation_pairs = split_pairs(pairs, args.validation_fraction, args.seed)
 
-    from ..engine.loading import configure_tensorflow
     from ..training.loop import TrainConfig, train
 
-    configure_tensorflow(args.device, threads=args.threads)
-    reporter = TrainingBar() if args.progress == "bar" else args.reporter
+    start_runtime(options_from_args(args, SegmentOptions))
+    reporter = args.reporter
     if reporter is not None:
         reporter({"stage": "load", "done": 0, "total": len(pairs), "seconds": 0.0,
                   "message": f"loading {len(training_pairs)} training and {len(validation_pairs)} validation case(s)"})
     training_cases = [load_case(p, card) for p in training_pairs]
     validation_cases = [load_case(p, card) for p in validation_pairs]
-    config = TrainConfig(
-        patch_size=tuple(args.patch), base_filters=args.base_filters, epochs=args.epochs,
-        steps_per_epoch=args.steps_per_epoch, batch_size=args.batch_size, learning_rate=args.learning_rate,
-        foreground_probability=args.foreground_probability, validation_patches=args.validation_patches,
-        seed=args.seed, mixed_precision=args.mixed_precision,
-        augmentation=AugmentationConfig(enabled=not args.no_augmentation),
-    )
+    config = TrainConfig.from_options(options_from_args(args, TrainOptions))
     command = "unet3d-segment train " + " ".join(sys.argv[2:]) if len(sys.argv) > 2 else "unet3d-segment train"
     info = {"command": command, "cases": {"training": [p.name for p in training_pairs],
                                           "validation": [p.name for p in validation_pairs]}}

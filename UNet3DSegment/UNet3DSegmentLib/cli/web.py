@@ -14,26 +14,8 @@ import sys
 from pathlib import Path
 
 from ..base.errors import BadInputError, BadModelError
-
-DEFAULT_HOST = "127.0.0.1"
-DEFAULT_PORT = 8080
-
-
-def _port(text: str) -> int:
-    value = int(text)
-    if not 0 <= value <= 65535:
-        raise argparse.ArgumentTypeError(f"port must be 0-65535 (0: any free port), got {text}")
-    return value
-
-
-def _positive(kind):
-    def parse(text: str):
-        value = kind(text)
-        if value <= 0:
-            raise argparse.ArgumentTypeError(f"must be positive, got {text}")
-        return value
-
-    return parse
+from ..base.options import JobOptions, WebOptions
+from .arguments import add_options
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -44,20 +26,15 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         description="Serve a web page (trame-slicer) to load a volume or the demo MRI, segment it with a model "
         "in a child process, view the result in slice and 3D views and download it as .seg.nrrd.",
     )
-    parser.add_argument("--host", default=DEFAULT_HOST,
-                        help=f"address to listen on (default {DEFAULT_HOST}: this machine only)")
-    parser.add_argument("--port", type=_port, default=DEFAULT_PORT, help=f"port (default {DEFAULT_PORT}; 0: any)")
-    parser.add_argument("--model", type=Path, help="preselected model (default: the bundled demo model)")
-    parser.add_argument("--max-upload-mb", type=_positive(float), default=512.0,
-                        help="largest volume file accepted from the browser, in MB (default 512)")
-    parser.add_argument("--demo-downsample", type=_positive(int), default=1,
-                        help="load the demo MRI block-averaged by this factor (tests, slow machines; default 1)")
+    add_options(parser, WebOptions, only=["host", "port"])
+    add_options(parser, JobOptions, only=["model"], model={"help": "preselected model (default: the bundled demo model)"})
+    add_options(parser, WebOptions, only=["max_upload_mb", "demo_downsample"])
     parser.set_defaults(run=run)
 
 
 def run(args: argparse.Namespace) -> int:
     """Start the server; returns when it stops (Ctrl+C, SIGTERM)."""
-    if args.model is not None and not args.model.exists():
+    if args.model is not None and not Path(args.model).exists():
         raise BadModelError(f"model {args.model} not found; pass an existing .keras/.h5 file or SavedModel folder")
     try:
         from trame.app import get_server

@@ -22,11 +22,10 @@ import subprocess
 import sys
 import threading
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any, Mapping, Optional, Sequence, Union
 
-from ..runtime.backends import validate_backend
+from ..base.options import SegmentOptions
 from ..base.errors import (
     EXIT_BAD_INPUT,
     EXIT_BAD_MODEL,
@@ -39,7 +38,6 @@ from ..base.errors import (
     OutOfMemoryError,
     UNet3DSegmentError,
 )
-from ..engine.memory import parse_size
 
 PathLike = Union[str, Path]
 Event = dict[str, Any]
@@ -57,75 +55,19 @@ _ERRORS_BY_EXIT_CODE: dict[int, type[UNet3DSegmentError]] = {
 }
 
 
-@dataclass(frozen=True)
-class EngineOptions:
-    """Options of ``segment`` that the caller sets; ``None`` leaves the engine's own default."""
-
-    overlap: Optional[float] = None
-    batch_size: Optional[int] = None
-    blend: Optional[str] = None
-    tta: bool = False
-    device: str = "auto"
-    precision: str = "auto"
-    largest_component: bool = False
-    backend: str = "tensorflow"
-    gpu_index: Optional[int] = None
-    gpu_memory_limit: Optional[str] = None  # a size such as "6G"
-    max_memory: Optional[str] = None  # a size such as "4G"
-    accumulation: str = "float32"
-    extra_arguments: Sequence[str] = field(default_factory=tuple)
-
-    def arguments(self) -> list[str]:
-        """Command-line flags for these options (defaults are left out, so the engine decides)."""
-        args: list[str] = []
-        if self.overlap is not None:
-            if not 0.0 <= float(self.overlap) < 1.0:
-                raise BadInputError(f"overlap must be >= 0 and < 1, got {self.overlap}")
-            args += ["--overlap", repr(float(self.overlap))]
-        if self.batch_size is not None:
-            if int(self.batch_size) < 1:
-                raise BadInputError(f"batch size must be a positive integer, got {self.batch_size}")
-            args += ["--batch-size", str(int(self.batch_size))]
-        if self.blend is not None:
-            args += ["--blend", _choice("blend", self.blend, ("gaussian", "constant"))]
-        if self.tta:
-            args.append("--tta")
-        if self.device != "auto":
-            args += ["--device", _choice("device", self.device, ("auto", "cpu", "gpu"))]
-        if self.precision != "auto":
-            args += ["--precision", _choice("precision", self.precision, ("auto", "fp32", "bf16", "fp16"))]
-        if self.largest_component:
-            args.append("--largest-component")
-        if self.backend != "tensorflow":
-            args += ["--backend", validate_backend(str(self.backend).lower())]
-        if self.gpu_index is not None:
-            if not str(self.gpu_index).isdigit():
-                raise BadInputError(f"GPU index must be an integer >= 0, got {self.gpu_index!r}")
-            args += ["--gpu", str(int(self.gpu_index))]
-        for flag, size in (("--gpu-memory-limit", self.gpu_memory_limit), ("--max-memory", self.max_memory)):
-            if size is not None:
-                parse_size(str(size))  # a bad size is the caller's one-line error, not the child's
-                args += [flag, str(size).strip()]
-        if self.accumulation != "float32":
-            args += ["--accumulation", _choice("accumulation", self.accumulation, ("float32", "float16"))]
-        return args + [str(a) for a in self.extra_arguments]
-
-
-def _choice(name: str, value: str, allowed: Sequence[str]) -> str:
-    value = str(value).lower()
-    if value not in allowed:
-        raise BadInputError(f"{name} must be one of {', '.join(allowed)}, got {value!r}")
-    return value
-
-
 def segment_command(
     python_executable: PathLike,
     inputs: Sequence[PathLike],
     output: PathLike,
     model: Optional[PathLike] = None,
-    options: EngineOptions = EngineOptions(),
+    options: SegmentOptions = SegmentOptions(),
+    extra_arguments: Sequence[str] = (),
 ) -> list[str]:
-    """The argument list that runs ``segment`` with JSON-lines progress on stdout."""
+    """The argument list that runs ``segment`` with JSON-lines progress on stdout.
+
+    Only options that differ from their declared defaults are written (``SegmentOptions.to_argv``), so
+    the engine decides the rest; ``extra_arguments`` are appended as given.
+    """
     if not inputs:
         raise BadInputError("no input volume given; pass one volume per model channel")
     command = [str(python_executable), "-m", ENGINE_MODULE, "segment"]
@@ -133,7 +75,7 @@ def segment_command(
     command += ["-o", str(output)]
     if model is not None:
         command += ["--model", str(model)]
-    return command + options.arguments() + ["--progress", "json"]
+    return command + options.to_argv() + [str(a) for a in extra_arguments] + ["--progress", "json"]
 
 
 def engine_environment(

@@ -106,6 +106,11 @@ class ProgressTracker:
         return self._last
 
 
+def error_html(error: object) -> str:
+    """An error as one red line for a panel label (HTML-escaped)."""
+    return f"<span style='color:#c00000'>{html.escape(str(error))}</span>"
+
+
 def card_summary_html(card: Any, from_file: bool = True) -> str:
     """Name, version, description and intended use of a model card, escaped for a QLabel."""
     title = html.escape(card.name) + (f" {html.escape(card.version)}" if card.version else "")

@@ -19,7 +19,6 @@ import json
 import math
 import os
 import re
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, Mapping, Optional, Tuple, Union
@@ -504,28 +503,24 @@ def load_card(path: Union[str, Path]) -> ModelCard:
     return card_from_dict(data, source=path.name)
 
 
-def _default_file_mode() -> int:
-    """The mode a plain ``open(path, "w")`` would give: 0666 less the process umask."""
-    umask = os.umask(0)
-    os.umask(umask)
-    return 0o666 & ~umask
-
-
 def save_card(card: ModelCard, path: Union[str, Path]) -> Path:
-    """Write ``card`` as indented UTF-8 JSON, atomically (temporary file + rename); returns the path."""
+    """Write ``card`` as indented UTF-8 JSON, atomically (temporary file + rename); returns the path.
+
+    An existing card is replaced. The file gets the mode a plain ``open(path, "w")`` gives (0666 less
+    the umask), since a card is meant to be read by others.
+    """
+    from .image_io import atomic_write  # SimpleITK is loaded only when a card is written
+
     path = Path(path)
     text = json.dumps(card.to_dict(), indent=2, ensure_ascii=False) + "\n"
-    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        os.chmod(temporary, _default_file_mode())  # mkstemp makes 0600; a card is meant to be shared
-        with os.fdopen(handle, "w", encoding="utf-8") as stream:
+
+    def write(temporary: Path) -> None:
+        with open(temporary, "w", encoding="utf-8") as stream:
             stream.write(text)
             stream.flush()
             os.fsync(stream.fileno())
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
+
+    atomic_write(path, write, overwrite=True)
     return path
 
 

@@ -1,7 +1,7 @@
 """Memory budget and run estimates: ``--max-memory``, and what ``unet3d-segment estimate`` prints.
 
 The segmentation keeps one float32 copy of the (cropped) network input, a ring of about one patch of
-z rows of class sums (``inference.SlabAccumulator``) and a uint8 labelmap; the full-volume
+z rows of class sums (``accumulator.SlabAccumulator``) and a uint8 labelmap; the full-volume
 probability array exists only when the output must be resampled from probabilities or is written
 (``--probabilities``), and then only if it fits the budget. The figures here follow that layout; the
 framework's own share (runtime, weights, activations) is an approximation calibrated on this
@@ -11,12 +11,12 @@ project's machine (``BENCHMARKS.md``). Pure numpy: no framework import.
 from __future__ import annotations
 
 import math
-import os
 import re
 from dataclasses import dataclass
 from typing import Any, Optional, Sequence
 
 from ..base.errors import BadInputError
+from ..runtime.cpu import total_memory
 
 GIB = 1024 ** 3
 MIB = 1024 ** 2
@@ -61,14 +61,6 @@ def format_size(nbytes: float) -> str:
     if nbytes >= GIB:
         return f"{nbytes / GIB:.2f} GiB"
     return f"{nbytes / MIB:.0f} MiB"
-
-
-def total_memory() -> int:
-    """Physical memory of this machine in bytes (0 where unknown)."""
-    try:
-        return int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
-    except (ValueError, OSError, AttributeError):
-        return 0
 
 
 def default_budget() -> int:
@@ -127,7 +119,7 @@ def estimate_memory(
 
     ``input_*``: the volumes as read (all channels); ``work_shape_zyx``: the network's grid after
     resampling and cropping; ``largest_activation``: elements of the model's largest layer output
-    for one patch; ``accumulator_depth``: z rows of the ring (``inference.ring_depth``).
+    for one patch; ``accumulator_depth``: z rows of the ring (``accumulator.ring_depth``).
     """
     in_voxels = int(math.prod(input_shape_zyx))
     work_voxels = int(math.prod(work_shape_zyx))

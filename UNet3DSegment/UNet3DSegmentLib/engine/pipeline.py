@@ -16,33 +16,11 @@ from typing import Any, Optional, Sequence, Union
 import numpy as np
 
 from ..base.errors import BadInputError
+from ..base.options import SegmentOptions
 from .progress import ProgressCallback, ProgressEmitter
 
 PathLike = Union[str, Path]
 TTA_AXES = (0, 1, 2)
-
-
-@dataclass(frozen=True)
-class SegmentOptions:
-    """How to run the sliding window; defaults suit most CPU and GPU runs.
-
-    ``precision`` is applied when ``segment_files`` loads the model (``segment_images`` gets a model
-    already loaded in its precision). ``accumulation`` is the dtype of the class sums (float16 halves
-    them). ``max_memory`` (bytes, None: half the machine's memory) bounds the one buffer that grows
-    with the volume, the full probability array; above it the labelmap is built slab by slab and
-    resampled as labels (nearest neighbour) instead of as probabilities. ``prefetch`` assembles the
-    next batch on a producer thread while the model runs.
-    """
-
-    overlap: float = 0.5
-    batch_size: int = 2
-    blend: str = "gaussian"
-    tta: bool = False
-    largest_component: bool = False
-    precision: str = "auto"
-    accumulation: str = "float32"
-    max_memory: Optional[int] = None
-    prefetch: bool = True
 
 
 @dataclass
@@ -98,12 +76,13 @@ def segment_images(
     cancel: Optional[threading.Event] = None,
     keep_probabilities: bool = False,
     emitter: Optional[ProgressEmitter] = None,
+    prefetch: bool = True,
 ) -> SegmentationResult:
     """Segment channel images (one ``SimpleITK.Image`` per card channel) with a ``LoadedModel``."""
     import SimpleITK as sitk
 
     from ..runtime.fallback import FallbackPredictor
-    from .window import iter_probability_slabs
+    from .window import WindowConfig, iter_probability_slabs
     from .postprocessing import keep_largest_component, label_dtype, labels_from_probabilities
     from .preprocessing import prepare
 
@@ -135,19 +114,8 @@ def segment_images(
         cpu_fallback=getattr(model, "cpu_predictor", None),
         warn=lambda message: emitter.emit("warning", message=message),
     )
-    slabs = iter_probability_slabs(
-        prepared.array,
-        predictor,
-        patch_size=model.patch_size,
-        overlap=options.overlap,
-        blend=options.blend,
-        batch_size=options.batch_size,
-        progress=on_patches,
-        cancel=cancel,
-        mirror_axes=TTA_AXES if options.tta else None,
-        accumulation=options.accumulation,
-        prefetch=options.prefetch,
-    )
+    window = WindowConfig.from_options(options, model.patch_size, prefetch=prefetch)
+    slabs = iter_probability_slabs(prepared.array, predictor, window, progress=on_patches, cancel=cancel)
     full_needed = keep_probabilities or _needs_resampling(card)
     if full_needed:
         full_needed = _full_probabilities_fit(prepared, card.num_classes, options, keep_probabilities, emitter)

@@ -1,4 +1,4 @@
-"""From probabilities to a labelmap, clean-up of stray islands, and Dice overlap.
+"""From probabilities to a labelmap and clean-up of stray islands (Dice overlap: ``metrics``).
 
 Arrays are ``(z, y, x)`` labelmaps (probabilities ``(z, y, x, k)`` channels-last); label value ``i``
 is output channel ``i`` of the model, 0 being the background. Connected components use SimpleITK
@@ -12,6 +12,7 @@ from typing import Iterable, Optional
 import numpy as np
 
 from ..base.errors import BadInputError
+from .metrics import dice, dice_per_class  # noqa: F401  (callers import Dice from here too)
 
 _ARGMAX_SLAB_VOXELS = 1 << 20  # argmax a slab at a time so the int64 temporary stays ~8 MB
 
@@ -90,23 +91,3 @@ def _bounding_box(mask: np.ndarray) -> Optional[tuple[slice, ...]]:
             return None
         box.append(slice(int(hits[0]), int(hits[-1]) + 1))
     return tuple(box)
-
-
-def dice(a: np.ndarray, b: np.ndarray, label: int) -> float:
-    """Dice ``2 |A & B| / (|A| + |B|)`` of ``label`` in two labelmaps; 1.0 if both lack it."""
-    first, second = np.asarray(a), np.asarray(b)
-    if first.shape != second.shape:
-        raise BadInputError(
-            f"labelmaps must have the same shape to compare, got {first.shape} and {second.shape}"
-        )
-    in_a = first == label
-    in_b = second == label
-    total = int(np.count_nonzero(in_a)) + int(np.count_nonzero(in_b))
-    if total == 0:
-        return 1.0
-    return 2.0 * int(np.count_nonzero(in_a & in_b)) / total
-
-
-def dice_per_class(pred: np.ndarray, ref: np.ndarray, labels: Iterable[int]) -> dict[int, float]:
-    """Dice of every label in ``labels`` between a prediction and a reference labelmap."""
-    return {int(label): dice(pred, ref, int(label)) for label in labels}

@@ -1,8 +1,9 @@
 """Progress events and the reporters that show them.
 
 The engine reports progress through a plain callback taking one event dict, so it never prints.
-The command line picks a reporter: JSON lines on stdout (read by the Slicer module and the web app,
-see docs/ARCHITECTURE.md), a terminal progress bar on stderr, or nothing.
+The command line picks a reporter: JSON lines on stdout (this module: read by the Slicer module and
+the web app, see docs/ARCHITECTURE.md), a terminal progress bar on stderr (``cli/terminal.py``), or
+nothing.
 """
 
 from __future__ import annotations
@@ -65,38 +66,3 @@ class JsonLinesReporter:
     def __call__(self, event: ProgressEvent) -> None:
         self._stream.write(json.dumps(event, ensure_ascii=False) + "\n")
         self._stream.flush()
-
-
-class BarReporter:
-    """A one-line terminal progress bar on stderr for the inference stage, plain lines otherwise."""
-
-    def __init__(self, stream: TextIO = sys.stderr, width: int = 30) -> None:
-        self._stream = stream
-        self._width = width
-        self._in_bar = False
-
-    def __call__(self, event: ProgressEvent) -> None:
-        stage, done, total = event["stage"], event["done"], event["total"]
-        if stage == "inference" and total:
-            filled = int(self._width * done / total)
-            elapsed = event["seconds"]
-            eta = elapsed / done * (total - done) if done else 0.0
-            bar = "#" * filled + "-" * (self._width - filled)
-            self._stream.write(f"\rinference [{bar}] {done}/{total} patches, {elapsed:.0f}s, ~{eta:.0f}s left")
-            self._in_bar = True
-        elif stage != "error":  # errors are printed by the command line itself
-            if self._in_bar:
-                self._stream.write("\n")
-                self._in_bar = False
-            if event["message"]:
-                self._stream.write(f"{stage}: {event['message']}\n")
-        self._stream.flush()
-
-
-def make_reporter(mode: str) -> Optional[ProgressCallback]:
-    """Reporter for ``--progress bar|json|none``."""
-    if mode == "json":
-        return JsonLinesReporter()
-    if mode == "bar":
-        return BarReporter()
-    return None

@@ -27,13 +27,13 @@ import slicer
 import vtk
 
 from ..client.engine_process import (
-    EngineOptions,
     EngineProcess,
     default_python_executable,
     engine_environment,
     segment_command,
 )
 from ..base.errors import BadInputError, BadModelError, CancelledError, UNet3DSegmentError
+from ..base.options import SegmentOptions
 from ..engine.card import ModelCard, card_for_model, default_card
 
 ProgressCallback = Callable[[dict], None]
@@ -230,35 +230,28 @@ class UNet3DSegmentLogic:
         inputVolumes,
         outputSegmentation=None,
         model: Optional[PathLike] = None,
-        overlap: Optional[float] = None,
-        batchSize: Optional[int] = None,
-        blend: Optional[str] = None,
-        tta: bool = False,
-        device: str = "auto",
-        precision: str = "auto",
-        largestComponent: bool = False,
-        backend: str = "tensorflow",
-        gpuIndex: Optional[int] = None,
-        gpuMemoryLimit: Optional[str] = None,
-        maxMemory: Optional[str] = None,
-        accumulation: str = "float32",
+        options: Optional[SegmentOptions] = None,
         pythonExecutable: Optional[PathLike] = None,
         replaceExisting: bool = False,
         showResult: bool = True,
         extraArguments: Sequence[str] = (),
         waitForCompletion: bool = True,
         progress: Optional[ProgressCallback] = None,
+        **optionValues: Any,
     ):
         """Segment ``inputVolumes`` (one volume node per model channel, or a single node).
+
+        ``options`` (a ``SegmentOptions``: overlap, batch size, device, precision, backend, ...) says how
+        the engine runs; any of its options may also be given as keywords, in camelCase or snake_case
+        (``overlap=0.25``, ``batchSize=4``, ``gpuMemoryLimit="6G"``), applied on top of ``options``.
+        A bad value raises ``BadInputError`` naming the option before anything starts.
 
         Returns the segmentation node when ``waitForCompletion`` (raising the engine's error kind on
         failure), else a running ``SegmentationJob`` to poll. ``outputSegmentation=None`` creates a
         new node; an existing node is only replaced with ``replaceExisting=True``. ``progress`` gets
-        every engine event (a dict, see docs/ARCHITECTURE.md). ``backend`` (tensorflow, torch, jax),
-        ``gpuIndex``, ``gpuMemoryLimit`` and ``maxMemory`` (sizes such as ``"6G"``) and ``accumulation``
-        are the engine's ``--backend``, ``--gpu``, ``--gpu-memory-limit``, ``--max-memory`` and
-        ``--accumulation``.
+        every engine event (a dict, see docs/ARCHITECTURE.md).
         """
+        options = SegmentOptions.from_values(optionValues, base=options)
         volumes = self._checkInputs(inputVolumes)
         modelPath = self.modelPath(model)
         card, cardFromFile = self.modelCard(modelPath)
@@ -269,12 +262,6 @@ class UNet3DSegmentLogic:
                 "pass one volume per channel, in that order"
             )
         self._checkOutput(outputSegmentation, replaceExisting)
-        options = EngineOptions(
-            overlap=overlap, batch_size=batchSize, blend=blend, tta=bool(tta), device=device,
-            precision=precision, largest_component=bool(largestComponent), backend=backend, gpu_index=gpuIndex,
-            gpu_memory_limit=gpuMemoryLimit, max_memory=maxMemory, accumulation=accumulation,
-            extra_arguments=tuple(extraArguments),
-        )
         chosen = "" if pythonExecutable is None else str(pythonExecutable).strip()
         python = Path(chosen) if chosen not in ("", ".") else self.defaultPythonExecutable()
 
@@ -284,7 +271,8 @@ class UNet3DSegmentLogic:
         temporaryDirectory = Path(tempfile.mkdtemp(prefix=TEMP_PREFIX, dir=None if root is None else str(root)))
         try:
             inputs = [self._writeVolume(v, temporaryDirectory / f"input_{i}.nrrd") for i, v in enumerate(volumes)]
-            command = segment_command(python, inputs, temporaryDirectory / OUTPUT_NAME, modelPath, options)
+            command = segment_command(python, inputs, temporaryDirectory / OUTPUT_NAME, modelPath, options,
+                                      extraArguments)
             process = EngineProcess.start(command, env=engine_environment(self.baseEnvironment()),
                                           cwd=temporaryDirectory)
         except BaseException:

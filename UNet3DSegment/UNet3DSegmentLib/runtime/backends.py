@@ -1,10 +1,14 @@
-"""Which Keras backend runs the model: ``--backend tensorflow|torch|jax``.
+"""Which Keras backend runs the model (``--backend tensorflow|torch|jax``), and setting up its framework.
 
 Keras 3 runs the same ``.keras`` file on TensorFlow, PyTorch or JAX. TensorFlow is the default and
 the only required one; PyTorch (``pip install "unet3dsegment[torch]"``) is how Windows users, for
 whom TensorFlow has no GPU build, run the model on an NVIDIA GPU. Keras reads ``KERAS_BACKEND`` once,
 at its first import, so :func:`select_backend` must run before anything imports Keras; the command
-line does this first thing. Nothing here imports a framework at module level.
+line does this first thing. :func:`configure_runtime` then sets the framework's threads and device
+(TensorFlow: ``tensorflow_setup.configure_tensorflow``; PyTorch: :func:`configure_torch`; JAX:
+:func:`configure_jax`), and each records what it applied in ``state.RUNTIME``;
+:func:`ensure_configured` gives the device in effect, configuring the defaults first if nobody did.
+Nothing here imports a framework at module level.
 """
 
 from __future__ import annotations
@@ -12,24 +16,26 @@ from __future__ import annotations
 import importlib.util
 import os
 import sys
-from typing import Optional
+from typing import Any, Optional
 
 from ..base.errors import BadInputError
+from ..base.options import SegmentOptions
+from .state import RUNTIME, RuntimeRequest
+from .tensorflow_setup import configure_tensorflow
 
-BACKENDS = ("tensorflow", "torch", "jax")
-DEFAULT_BACKEND = "tensorflow"
+DEFAULT_BACKEND = SegmentOptions.spec("backend").default
 _INSTALL = {
     "tensorflow": 'pip install tensorflow',
     "torch": 'pip install "unet3dsegment[torch]" (or: pip install torch)',
     "jax": 'pip install jax',
 }
+_JAX_NO_LIMIT = ("a GPU memory limit is not available on the jax backend; set XLA_PYTHON_CLIENT_MEM_FRACTION "
+                 "(a fraction of the GPU's memory, e.g. 0.3) instead, or use the tensorflow or torch backend")
 
 
-def validate_backend(name: str) -> str:
-    """Return ``name`` if it is one of ``BACKENDS``, else raise BadInputError."""
-    if name not in BACKENDS:
-        raise BadInputError(f"backend must be one of {', '.join(BACKENDS)}, got {name!r}")
-    return name
+def validate_backend(name: Any) -> str:
+    """``name`` checked as the ``backend`` option declares (``SegmentOptions.spec("backend").check``)."""
+    return SegmentOptions.spec("backend").check(name)
 
 
 def backend_installed(name: str) -> bool:
@@ -57,12 +63,9 @@ def select_backend(
     BadInputError when the framework is not installed, or when Keras already runs on another backend in
     this process.
     """
-    validate_backend(name)
+    name = validate_backend(name)
     if gpu_memory_limit is not None and name == "jax":
-        raise BadInputError(
-            "a GPU memory limit is not available on the jax backend; set XLA_PYTHON_CLIENT_MEM_FRACTION "
-            "(a fraction of the GPU's memory, e.g. 0.3) instead, or use the tensorflow or torch backend"
-        )
+        raise BadInputError(_JAX_NO_LIMIT)
     current = active_backend()
     if current is not None:
         if current != name:
@@ -88,6 +91,42 @@ def select_backend(
     return name
 
 
+def requested_backend() -> str:
+    """The backend Keras runs on, or will run on when imported (``KERAS_BACKEND``, default tensorflow)."""
+    return active_backend() or os.environ.get("KERAS_BACKEND", DEFAULT_BACKEND)
+
+
+def configure_runtime(
+    device: str = "auto",
+    threads: Optional[int] = None,
+    gpu_index: Optional[int] = None,
+    gpu_memory_limit: Optional[int] = None,
+) -> str:
+    """Configure the framework of the Keras backend chosen by ``KERAS_BACKEND``; return its device.
+
+    TensorFlow: ``configure_tensorflow``. PyTorch: CPU threads, cuDNN autotuning and the memory cap
+    (the GPU was chosen by :func:`select_backend`). JAX: the device it found (``gpu_index`` was
+    applied by :func:`select_backend`; a memory limit is refused). ``gpu_memory_limit``: bytes this
+    process may take on the GPU. The values are checked as their options declare (BadInputError).
+    Returns ``"cpu"`` or ``"gpu:N"``; the result is kept in ``state.RUNTIME``.
+    """
+    request = RuntimeRequest.checked(device, threads, gpu_index, gpu_memory_limit)
+    backend = requested_backend()
+    if backend == "torch":
+        return configure_torch(request.device, request.threads, request.gpu_memory_limit)
+    if backend == "jax":
+        if request.gpu_memory_limit is not None:
+            raise BadInputError(_JAX_NO_LIMIT)
+        return configure_jax(request.device)
+    return configure_tensorflow(request.device, request.threads, request.gpu_index, request.gpu_memory_limit)
+
+
+def ensure_configured() -> str:
+    """The device in effect, configuring the backend's defaults (all cores, auto device) if nobody did."""
+    device = RUNTIME.device_for(requested_backend())
+    return device if device is not None else configure_runtime()
+
+
 def configure_torch(
     device: str = "auto", threads: Optional[int] = None, gpu_memory_limit: Optional[int] = None
 ) -> str:
@@ -98,34 +137,34 @@ def configure_torch(
     caching allocator may take; beyond it PyTorch raises out-of-memory, which the sliding window's
     fallback handles (smaller batches, then the CPU).
     """
+    request = RuntimeRequest.checked(device, threads, None, gpu_memory_limit)
     import torch
 
-    from ..engine.loading import cpu_cores
-
-    torch.set_num_threads(threads or cpu_cores())
-    if device == "cpu":
-        return "cpu"
+    torch.set_num_threads(request.threads)
+    if request.device == "cpu":
+        return RUNTIME.record("torch", request, "cpu")
     # Keras' torch backend puts tensors on KERAS_TORCH_DEVICE if set, else on CUDA when available.
     where = os.environ.get("KERAS_TORCH_DEVICE") or ("cuda" if torch.cuda.is_available() else "cpu")
     if where.startswith("cuda"):
         index = int(where.split(":")[1]) if ":" in where else 0
         torch.backends.cudnn.benchmark = True
-        if gpu_memory_limit is not None:
+        if request.gpu_memory_limit is not None:
             total = torch.cuda.get_device_properties(index).total_memory
-            torch.cuda.set_per_process_memory_fraction(min(1.0, gpu_memory_limit / total), index)
-        return f"gpu:{index}"
-    if device == "gpu":
+            torch.cuda.set_per_process_memory_fraction(min(1.0, request.gpu_memory_limit / total), index)
+        return RUNTIME.record("torch", request, f"gpu:{index}")
+    if request.device == "gpu":
         raise BadInputError("device gpu was requested but PyTorch sees no CUDA GPU; use device cpu or auto")
-    return "cpu"
+    return RUNTIME.record("torch", request, "cpu")
 
 
 def configure_jax(device: str = "auto") -> str:
     """Return ``"cpu"`` or ``"gpu:0"``: where JAX runs (chosen at import by ``JAX_PLATFORMS``)."""
+    request = RuntimeRequest.checked(device)
     import jax
 
     platform = jax.devices()[0].platform
     if platform == "gpu":
-        return "gpu:0"
-    if device == "gpu":
+        return RUNTIME.record("jax", request, "gpu:0")
+    if request.device == "gpu":
         raise BadInputError("device gpu was requested but JAX sees no GPU; use device cpu or auto")
-    return "cpu"
+    return RUNTIME.record("jax", request, "cpu")

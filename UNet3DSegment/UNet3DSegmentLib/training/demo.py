@@ -228,7 +228,8 @@ def run_demo(
     from ..engine.bundled_models import default_model_path
     from ..engine.image_io import read_image, write_segmentation
     from ..engine.loading import load_model
-    from ..engine.pipeline import SegmentOptions, segment_images
+    from ..base.options import SegmentOptions
+    from ..engine.pipeline import segment_images
     from ..engine.postprocessing import dice_per_class
 
     start = time.perf_counter()

@@ -27,6 +27,9 @@ import numpy as np
 
 from .augmentation import AugmentationConfig, PatchAugmenter, random_affine_matrix
 from ..base.errors import BadInputError, CancelledError
+from ..base.options import TrainOptions
+from ..engine.metrics import class_counts, dice_from_counts
+from ..runtime.precision import choose_precision
 
 ProgressCallback = Callable[[dict], None]
 MAX_INDICES_PER_CLASS = 200_000  # foreground voxel positions kept per class and case, for sampling
@@ -41,22 +44,39 @@ class TrainingCase:
     labels: np.ndarray
 
 
+_DEFAULTS = {name: declared.default for name, declared in TrainOptions.OPTIONS.items()}
+
+
 @dataclass(frozen=True)
 class TrainConfig:
-    """Everything that shapes a training run (recorded in the model card's ``training`` section)."""
+    """Everything that shapes a training run (recorded in the model card's ``training`` section).
 
-    patch_size: tuple[int, int, int] = (64, 64, 64)
-    base_filters: int = 16
+    Defaults are the declared ones of ``base.options.TrainOptions`` (``dropout_rate`` is not a user option).
+    """
+
+    patch_size: tuple[int, int, int] = _DEFAULTS["patch"]
+    base_filters: int = _DEFAULTS["base_filters"]
     dropout_rate: float = 0.15
-    epochs: int = 20
-    steps_per_epoch: int = 50
-    batch_size: int = 1
-    learning_rate: float = 1e-3
-    foreground_probability: float = 0.67  # share of patches centred on a foreground voxel
-    validation_patches: int = 8
-    seed: int = 0
-    mixed_precision: str = "auto"  # "auto" | "on" | "off"
+    epochs: int = _DEFAULTS["epochs"]
+    steps_per_epoch: int = _DEFAULTS["steps_per_epoch"]
+    batch_size: int = _DEFAULTS["batch_size"]
+    learning_rate: float = _DEFAULTS["learning_rate"]
+    foreground_probability: float = _DEFAULTS["foreground_probability"]  # share of patches centred on foreground
+    validation_patches: int = _DEFAULTS["validation_patches"]
+    seed: int = _DEFAULTS["seed"]
+    mixed_precision: str = _DEFAULTS["mixed_precision"]  # "auto" | "on" | "off"
     augmentation: AugmentationConfig = field(default_factory=AugmentationConfig)
+
+    @classmethod
+    def from_options(cls, options: TrainOptions) -> "TrainConfig":
+        """The run described by the command line's ``TrainOptions``."""
+        return cls(
+            patch_size=options.patch, base_filters=options.base_filters, epochs=options.epochs,
+            steps_per_epoch=options.steps_per_epoch, batch_size=options.batch_size,
+            learning_rate=options.learning_rate, foreground_probability=options.foreground_probability,
+            validation_patches=options.validation_patches, seed=options.seed,
+            mixed_precision=options.mixed_precision, augmentation=AugmentationConfig(enabled=options.augmentation),
+        )
 
 
 @dataclass
@@ -185,22 +205,7 @@ class PatchSampler:
 
 
 # --------------------------------------------------------------------------------------------------
-# Metrics, loss, precision
-
-
-def dice_from_counts(intersection: np.ndarray, predicted: np.ndarray, reference: np.ndarray) -> np.ndarray:
-    """Per-class Dice ``2 I / (P + R)`` from voxel counts; 1.0 where a class is absent from both."""
-    total = predicted + reference
-    return np.where(total > 0, 2.0 * intersection / np.maximum(total, 1), 1.0)
-
-
-def class_counts(predicted: np.ndarray, reference: np.ndarray, num_classes: int) -> np.ndarray:
-    """(3, num_classes) array of intersection, predicted and reference voxel counts per class."""
-    counts = np.zeros((3, num_classes), dtype=np.int64)
-    for label in range(num_classes):
-        p, r = predicted == label, reference == label
-        counts[:, label] = (np.count_nonzero(p & r), np.count_nonzero(p), np.count_nonzero(r))
-    return counts
+# Metrics, loss
 
 
 def dice_ce_loss(num_classes: int, smooth: float = 1.0) -> Callable[[Any, Any], Any]:
@@ -221,41 +226,6 @@ def dice_ce_loss(num_classes: int, smooth: float = 1.0) -> Callable[[Any, Any], 
         return cross_entropy + (1.0 - tf.reduce_mean(soft_dice[first:]))
 
     return loss
-
-
-def cpu_has_bf16() -> bool:
-    """True when the CPU advertises bfloat16 arithmetic (AVX512-BF16 or AMX-BF16), from /proc/cpuinfo."""
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags
-
-
-MIN_BF16_PATCH_SIDE = 32  # smaller patches leave 2^3 voxels at the deepest level: see choose_precision
-
-
-def choose_precision(mode: str, patch_size: Sequence[int] = (64, 64, 64)) -> str:
-    """Keras dtype policy for ``--mixed-precision auto|on|off``: "mixed_bfloat16" or "float32".
-
-    bfloat16 needs no loss scaling; "auto" uses it on a GPU (any the TF build sees) or on a CPU with
-    bfloat16 instructions, where it measured about 1.6x faster per training step on this project's
-    2-core AVX512-BF16 machine (seed topology, base 16, 64^3 patch). "auto" keeps float32 for patches
-    with a side under ``MIN_BF16_PATCH_SIDE``: with 2^3 voxels at the deepest level and batches of 2 or
-    more, TensorFlow 2.21's CPU bfloat16 Conv3D filter gradient came out ~1e17 times too large
-    (measured), which turns the weights into NaN within a few steps.
-    """
-    if mode not in ("auto", "on", "off"):
-        raise BadInputError(f"mixed precision must be auto, on or off, got {mode!r}")
-    if mode == "off":
-        return "float32"
-    if mode == "on":
-        return "mixed_bfloat16"
-    if min(int(p) for p in patch_size) < MIN_BF16_PATCH_SIDE:
-        return "float32"
-    import tensorflow as tf
-
-    return "mixed_bfloat16" if tf.config.list_physical_devices("GPU") or cpu_has_bf16() else "float32"
 
 
 # --------------------------------------------------------------------------------------------------

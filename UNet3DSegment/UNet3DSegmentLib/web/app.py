@@ -28,6 +28,7 @@ from trame_slicer.core import LayoutManager, SlicerApp
 from trame_slicer.rca_view import register_rca_factories
 
 from ..base.errors import BadInputError, CancelledError, UNet3DSegmentError
+from ..base.options import Option, SegmentOptions
 from ..mrml.logic import UNet3DSegmentLogic
 from .files import DEFAULT_MAX_UPLOAD_MB, DEMO_VOLUME_NAME, demo_volume_file, safe_file_name, write_upload
 from ..client.panel_text import ProgressTracker
@@ -35,10 +36,7 @@ from ..client.panel_text import ProgressTracker
 PathLike = Union[str, Path]
 POLL_SECONDS = 0.1
 LAYOUT = "Axial Primary"  # large axial view, 3D / coronal / sagittal beside it
-DEVICES = ["auto", "cpu", "gpu"]
-PRECISIONS = ["auto", "fp32", "bf16", "fp16"]
-MAX_OVERLAP = 0.95  # the Slicer panel's limits
-MAX_BATCH = 64
+PAGE_OPTIONS = ("overlap", "batch_size", "device", "precision", "tta", "largest_component")  # under Advanced
 
 _log = logging.getLogger(__name__)
 
@@ -105,8 +103,7 @@ class UNet3DSegmentWebApp(TrameApp):
             "model_items": items,
             "model_path": items[0]["value"] if items else "",
             "card_title": "", "card_description": "", "card_classes": [], "card_error": "",
-            "overlap": 0.5, "batch_size": 2, "tta": False, "device": "auto", "precision": "auto",
-            "largest_component": False, "devices": DEVICES, "precisions": PRECISIONS,
+            **{declared.name: declared.default for declared in self.page_options()},
             "running": False, "run_state": "idle", "progress": 0, "progress_text": "", "status_text": "",
             "segments": [], "download_name": "segmentation.seg.nrrd",
             "max_upload_bytes": int(self.max_upload_mb * 1024 * 1024), "max_upload_mb": self.max_upload_mb,
@@ -201,7 +198,7 @@ class UNet3DSegmentWebApp(TrameApp):
         try:
             job = self.logic.segment(
                 self.volume, outputSegmentation=self.segmentation, replaceExisting=self.segmentation is not None,
-                model=state.model_path or None, **self._options(), waitForCompletion=False, progress=on_event,
+                model=state.model_path or None, options=self._options(), waitForCompletion=False, progress=on_event,
             )
         except UNet3DSegmentError as error:
             self._report(error=str(error))
@@ -212,18 +209,27 @@ class UNet3DSegmentWebApp(TrameApp):
         self._report(info="Segmenting in a separate process; the views stay usable.")
         self._follower = create_task(self._follow(job))  # kept: asyncio holds tasks only weakly
 
-    def _options(self) -> dict[str, Any]:
-        """The Advanced options from the page, checked (the browser sends whatever was typed)."""
-        state = self.state
-        try:
-            overlap, batch = float(state.overlap), int(state.batch_size)
-        except (TypeError, ValueError) as error:
-            raise BadInputError(f"overlap and batch size must be numbers ({error}); fix them under Advanced") from error
-        if not 0.0 <= overlap <= MAX_OVERLAP or not 1 <= batch <= MAX_BATCH:
-            raise BadInputError(f"overlap must be 0-{MAX_OVERLAP} and batch size 1-{MAX_BATCH}, got {overlap} and "
-                                f"{batch}; fix them under Advanced")
-        return {"overlap": overlap, "batchSize": batch, "tta": bool(state.tta), "device": state.device,
-                "precision": state.precision, "largestComponent": bool(state.largest_component)}
+    @staticmethod
+    def page_options() -> list[Option]:
+        """The segment options the page offers (``PAGE_OPTIONS``), as declared in ``base/options.py``."""
+        return SegmentOptions.options(PAGE_OPTIONS)
+
+    def _options(self) -> SegmentOptions:
+        """The Advanced options from the page, checked against their declarations and the page's limits.
+
+        The browser sends whatever was typed: each value must pass its option's check and lie within
+        the range the page's control offers.
+        """
+        values = {}
+        for declared in self.page_options():
+            raw = self.state[declared.name]
+            value = declared.parse(raw) if isinstance(raw, str) and declared.kind is not str else declared.check(raw)
+            if declared.kind in (int, float) and not declared.choices and value is not None:
+                low, high = declared.panel_range()
+                if not low <= value <= high:
+                    raise BadInputError(f"{declared.title} must be {low:g} to {high:g}, got {value}; fix it under Advanced")
+            values[declared.name] = value
+        return SegmentOptions(**values)
 
     def cancel(self) -> None:
         """Ask the running job to stop (never blocks); ``_follow`` sees it end."""

@@ -13,11 +13,12 @@ import re
 from pathlib import Path
 from typing import Any, Mapping, Union
 
+from ..base.options import WebOptions
 from ..base.errors import BadInputError
 
 PathLike = Union[str, Path]
 UPLOAD_SUFFIXES = (".nrrd", ".nii", ".nii.gz", ".mha")  # single files: detached headers (.nhdr/.mhd) need a 2nd file
-DEFAULT_MAX_UPLOAD_MB = 512
+DEFAULT_MAX_UPLOAD_MB = WebOptions.spec("max_upload_mb").default
 DEMO_VOLUME_NAME = "MNI152 T1"
 
 

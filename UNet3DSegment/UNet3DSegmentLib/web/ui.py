@@ -14,6 +14,8 @@ from trame.widgets import client, html
 from trame_vuetify.ui.vuetify3 import SinglePageWithDrawerLayout
 from trame_vuetify.widgets import vuetify3 as v3
 
+from ..base.options import Option
+
 TITLE = "UNet3DSegment"
 DRAWER_WIDTH = 380
 
@@ -33,7 +35,7 @@ def build_ui(app: Any) -> SinglePageWithDrawerLayout:
             with html.Div(classes="pa-3 d-flex flex-column ga-3"):
                 _input_section(app)
                 _model_section(app)
-                _advanced_section()
+                _advanced_section(app)
                 _run_section(app)
                 _messages()
                 _segments_section(app)
@@ -82,22 +84,32 @@ def _model_section(app: Any) -> None:
     v3.VAlert(text=("card_error",), v_if="card_error", type="warning", density="compact", variant="tonal")
 
 
-def _advanced_section() -> None:
+def _advanced_section(app: Any) -> None:
+    """One control per option of ``app.PAGE_OPTIONS``, made from its declaration (kind, choices, range)."""
     with v3.VExpansionPanels(variant="accordion"):
         with v3.VExpansionPanel(title="Advanced"):
             with v3.VExpansionPanelText():
-                v3.VSlider(v_model=("overlap",), label="Overlap", min=0, max=0.95, step=0.05, thumb_label=True,
-                           hide_details=True, density="compact", disabled=("running",))
-                v3.VTextField(v_model_number=("batch_size",), label="Batch size", type="number", min=1, max=64,
-                              density="compact", hide_details=True, disabled=("running",), classes="my-2")
-                v3.VSelect(v_model=("device",), items=("devices",), label="Device", density="compact",
-                           hide_details=True, disabled=("running",), classes="my-2")
-                v3.VSelect(v_model=("precision",), items=("precisions",), label="Precision", density="compact",
-                           hide_details=True, disabled=("running",), classes="my-2")
-                v3.VCheckbox(v_model=("tta",), label="Test-time augmentation (mirroring, 8x slower)",
-                             density="compact", hide_details=True, disabled=("running",))
-                v3.VCheckbox(v_model=("largest_component",), label="Keep the largest component per class",
-                             density="compact", hide_details=True, disabled=("running",))
+                for declared in app.page_options():
+                    option_control(declared)
+
+
+def option_control(declared: Option) -> None:
+    """The control of one option, bound to the state variable of the same name."""
+    common = {"density": "compact", "hide_details": True, "disabled": ("running",)}
+    label = declared.label or declared.title.capitalize()
+    if declared.kind is bool:
+        v3.VCheckbox(v_model=(declared.name,), label=label, **common)
+    elif declared.choices:
+        items = [{"title": declared.choice_label(c), "value": c} for c in declared.choices]
+        v3.VSelect(v_model=(declared.name,), items=(items,), label=label, classes="my-2", **common)
+    elif declared.kind is float:
+        low, high = declared.panel_range()
+        v3.VSlider(v_model=(declared.name,), label=label, min=low, max=high, step=declared.step or 0.01,
+                   thumb_label=True, **common)
+    else:
+        low, high = declared.panel_range()
+        v3.VTextField(v_model_number=(declared.name,), label=label, type="number", min=low, max=high,
+                      classes="my-2", **common)
 
 
 def _run_section(app: Any) -> None:
