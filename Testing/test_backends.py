@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from UNet3DSegmentLib.runtime.backends import select_backend, validate_backend
+from UNet3DSegmentLib.runtime.backends import backend_installed, select_backend
 from UNet3DSegmentLib.base.errors import BadInputError
 
 HAS_TORCH = importlib.util.find_spec("torch") is not None
@@ -69,7 +69,9 @@ def test_other_backends_give_the_same_labelmap(backend: str, tmp_path: Path, vol
 
 def test_unknown_backend_is_refused():
     with pytest.raises(BadInputError, match=r"^backend must be one of tensorflow, torch, jax, got 'mxnet'$"):
-        validate_backend("mxnet")
+        backend_installed("mxnet")
+    with pytest.raises(BadInputError, match=r"^backend must be one of tensorflow, torch, jax, got 'caffe'$"):
+        select_backend("caffe")
 
 
 def test_backend_cannot_change_once_keras_runs():

@@ -123,7 +123,7 @@ def test_gpu_option_is_checked(tmp_path: Path, capsys):
     with pytest.raises(SystemExit) as caught:
         main(["segment", "in.nrrd", "-o", str(tmp_path / "o.nrrd"), "--gpu", "-1"])
     assert caught.value.code == EXIT_USAGE
-    assert "must be an integer >= 0, got -1" in capsys.readouterr().err
+    assert "gpu index must be >= 0, got -1" in capsys.readouterr().err
 
 
 def test_gpu_index_without_a_gpu():

@@ -21,7 +21,8 @@ from UNet3DSegmentLib.base.errors import BadInputError
 from UNet3DSegmentLib.engine.accumulator import SlabAccumulator, ring_depth
 from UNet3DSegmentLib.engine.tiling import count_patches, grid_starts
 from UNet3DSegmentLib.engine.window import WindowConfig, iter_probability_slabs, sliding_window_predict
-from UNet3DSegmentLib.engine.memory import estimate_memory, format_size, parse_size, probability_bytes
+from UNet3DSegmentLib.base.units import format_size, parse_size
+from UNet3DSegmentLib.engine.memory import estimate_memory, probability_bytes
 
 GIB = 1024 ** 3
 

@@ -448,4 +448,4 @@ def test_real_engine_cancel_mid_run_leaves_nothing(app, logic, tmp_path, tiny_mo
 
 
 def test_engine_module_dir_is_the_modules_folder() -> None:
-    assert (MODULE_DIR / "UNet3DSegmentLib" / "mrml_logic.py").is_file()
+    assert (MODULE_DIR / "UNet3DSegmentLib" / "mrml" / "logic.py").is_file()

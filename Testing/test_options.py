@@ -95,14 +95,17 @@ def test_panel_enums_carry_values_and_labels_from_the_schema() -> None:
     assert [e.label() for e in panel_options.Backend] == ["TensorFlow", "PyTorch", "JAX"]
     assert panel_options.default("precision") is panel_options.Precision.AUTO
     assert panel_options.panel_range("batch_size") == (1, 64)
+    assert panel_options.choiceEnum("blend")("constant").label() == "Constant"
+    assert panel_options.default("blend") is panel_options.choiceEnum("blend").GAUSSIAN
 
 
 def test_options_from_parameters_reads_every_declared_field_the_node_has() -> None:
     node = SimpleNamespace(overlap=0.3, batchSize=6, tta=True, largestComponent=False,
+                           blend=panel_options.choiceEnum("blend").CONSTANT,
                            device=panel_options.Device.GPU, precision=panel_options.Precision.BF16,
                            backend=panel_options.Backend.JAX, gpuMemoryLimit=" 2G ", pythonExecutable="")
     options = panel_options.options_from_parameters(node)
-    assert options == SegmentOptions(overlap=0.3, batch_size=6, tta=True, device="gpu", precision="bf16",
+    assert options == SegmentOptions(overlap=0.3, batch_size=6, blend="constant", tta=True, device="gpu", precision="bf16",
                                      backend="jax", gpu_memory_limit=2 * 2**30)
     node.gpuMemoryLimit = "plenty"
     with pytest.raises(BadInputError, match="memory size 'plenty' is not a size"):
@@ -139,3 +142,11 @@ def test_dependency_plan_asks_for_slicers_python_and_refuses_elsewhere(monkeypat
     assert own.action == "refuse" and '"/envs/gpu/bin/python" -m pip install torch' in own.message
     monkeypatch.setattr(dependencies, "missing_modules", lambda python, modules, env=None: [])
     assert install.plan_dependencies(None, "tensorflow").action == "ready"
+
+
+def test_the_card_knows_exactly_the_declared_normalisation_methods() -> None:
+    from UNet3DSegmentLib.base.options import NORMALIZATIONS
+    from UNet3DSegmentLib.engine.card import NORMALIZATION_PARAMETERS
+
+    assert tuple(NORMALIZATION_PARAMETERS) == NORMALIZATIONS  # one list; the card adds each method's parameters
+    assert TrainOptions.spec("normalization").choices == tuple(m for m in NORMALIZATIONS if m != "window")

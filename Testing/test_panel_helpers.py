@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 from conftest import TINY_CARD
 
+from UNet3DSegmentLib.base.units import format_duration
 from UNet3DSegmentLib.client import dependencies, panel_text, phantom
 from UNet3DSegmentLib.base.errors import BadInputError
 from UNet3DSegmentLib.engine.card import card_from_dict, default_card
@@ -24,7 +25,7 @@ def event(stage: str, done: int = 0, total: int = 0, seconds: float = 0.0, messa
     [(0, "0 s"), (59.4, "59 s"), (60, "1 min"), (75, "1 min 15 s"), (3600, "1 h"), (3725, "1 h 2 min"), (-3, "0 s")],
 )
 def test_format_duration(seconds: float, text: str) -> None:
-    assert panel_text.format_duration(seconds) == text
+    assert format_duration(seconds) == text
 
 
 def test_progress_runs_from_load_to_done_with_a_time_left_estimate() -> None:
@@ -142,3 +143,15 @@ def test_engine_modules_follow_the_backend():
     assert dependencies.requirements_for(["keras", "torch"]) == ["keras>=3", "torch"]
     with pytest.raises(BadInputError, match=r"^backend must be one of tensorflow, torch, jax, got 'caffe'$"):
         dependencies.engine_modules("caffe")
+
+
+def test_phantom_score_and_the_self_tests_floors() -> None:
+    _, reference = phantom.brain_phantom()
+    assert phantom.score(reference, reference) == (1.0, [1.0, 1.0, 1.0])
+    assert phantom.score_failures(1.0, [1.0, 1.0, 1.0], ["CSF", "GM", "WM"]) == []
+    swapped = np.where(reference == 2, 3, np.where(reference == 3, 2, reference))  # grey and white matter swapped
+    brain, classes = phantom.score(swapped, reference)
+    assert brain == 1.0 and classes[0] == 1.0 and classes[1] < 0.5 and classes[2] < 0.5
+    assert phantom.score_failures(brain, classes, ["CSF", "GM", "WM"]) == [
+        f"GM Dice {classes[1]:.3f} < 0.5", f"WM Dice {classes[2]:.3f} < 0.5",
+        f"mean class Dice {sum(classes) / 3:.3f} < 0.8"]

@@ -3,7 +3,7 @@
 Reads the input (header for the grid, pixels only when the model card crops to the non-zero box),
 loads the model for its size and compute, and prints the number of patches, the main memory buffers
 and the expected inference time on the CPU (and the GPU when one is seen) from documented throughputs
-(``memory.py``). ``--measure`` times real patches on the chosen device instead.
+(``engine/memory.py``). ``--measure`` times real patches on the chosen device instead.
 """
 
 from __future__ import annotations
@@ -148,7 +148,8 @@ def measure_seconds_per_patch(loaded: Any, rows: int, repeats: int = 2) -> float
 
 def print_estimate(estimate: dict[str, Any], stream: Any) -> None:
     """Human-readable lines of an estimate."""
-    from ..engine.memory import MemoryEstimate, format_seconds, format_size
+    from ..base.units import format_duration, format_size
+    from ..engine.memory import MemoryEstimate
 
     memory = estimate["memory_bytes"]
     parts = MemoryEstimate(**{k: v for k, v in memory.items() if k != "total"})
@@ -164,4 +165,4 @@ def print_estimate(estimate: dict[str, Any], stream: Any) -> None:
     write("expected inference time:\n")
     for row in estimate["times"]:
         write(f"  {row['device']:<6} {row['precision']:<5} {row['seconds_per_patch']:.3f} s/patch -> "
-              f"{format_seconds(row['seconds'])} ({row['source']})\n")
+              f"{format_duration(row['seconds'])} ({row['source']})\n")

@@ -17,7 +17,7 @@ import subprocess
 from pathlib import Path
 from typing import Mapping, Optional, Sequence, Union
 
-from ..runtime.backends import validate_backend
+from ..base.options import SegmentOptions
 from ..base.errors import BadInputError
 
 PathLike = Union[str, Path]
@@ -40,7 +40,7 @@ _PROBE = (
 
 def engine_modules(backend: str = "tensorflow") -> tuple[str, ...]:
     """The modules the engine imports when the model runs on Keras backend ``backend``."""
-    return BACKEND_MODULES[validate_backend(backend)] + ENGINE_MODULES[1:]
+    return BACKEND_MODULES[SegmentOptions.spec("backend").check(backend)] + ENGINE_MODULES[1:]
 
 
 def missing_modules(

@@ -365,3 +365,14 @@ def _parse_event(line: str) -> Optional[Event]:
 def default_python_executable() -> Path:
     """The interpreter running us; Slicer passes its PythonSlicer instead."""
     return Path(sys.executable)
+
+
+def slicer_python(slicer_home: PathLike) -> Path:
+    """Slicer's ``PythonSlicer`` launcher (on PATH, else in ``<slicer_home>/bin``), else the running interpreter."""
+    import shutil
+
+    found = shutil.which("PythonSlicer")
+    if found:
+        return Path(found)
+    candidate = Path(slicer_home) / "bin" / ("PythonSlicer.exe" if os.name == "nt" else "PythonSlicer")
+    return candidate if candidate.exists() else Path(sys.executable)

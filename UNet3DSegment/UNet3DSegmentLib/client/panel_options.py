@@ -13,16 +13,22 @@ from typing import Any
 
 from ..base.options import SegmentOptions, choice_enum
 
-Device = choice_enum(SegmentOptions.spec("device"), "Device")
-Precision = choice_enum(SegmentOptions.spec("precision"), "Precision")
-Backend = choice_enum(SegmentOptions.spec("backend"), "Backend")
+# One Enum per option with choices (``device`` -> ``Device``), its labels from the declaration.
+_ENUMS = {o.name: choice_enum(o, "".join(p.capitalize() for p in o.name.split("_")))
+          for o in SegmentOptions.OPTIONS.values() if o.choices}
+Device, Precision, Backend = _ENUMS["device"], _ENUMS["precision"], _ENUMS["backend"]
+
+
+def choiceEnum(name: str) -> type[enum.Enum]:
+    """The parameter node's type for option ``name``: an Enum of its declared choices (labels for the combo box)."""
+    return _ENUMS[SegmentOptions.spec(name).name]
 
 
 def default(name: str) -> Any:
     """The declared default of option ``name`` as the parameter node holds it (enum member, "" for no size)."""
     declared = SegmentOptions.spec(name)
     if declared.choices:
-        return {"device": Device, "precision": Precision, "backend": Backend}[declared.name](declared.default)
+        return _ENUMS[declared.name](declared.default)
     if declared.default is None and declared.is_size:
         return ""  # a text field: empty means no limit
     return declared.default

@@ -11,6 +11,8 @@ import html
 from dataclasses import dataclass
 from typing import Any, Optional
 
+from ..base.units import format_duration
+
 # Share of the progress bar each stage fills, as (start, end) percent; inference gets the most.
 STAGE_SPANS = {
     "load": (0, 5),
@@ -37,18 +39,6 @@ class ProgressView:
     percent: int
     bar_text: str
     status: str
-
-
-def format_duration(seconds: float) -> str:
-    """``75`` -> ``"1 min 15 s"``; under a minute in seconds, over an hour in hours and minutes."""
-    seconds = max(0, int(round(seconds)))
-    if seconds < 60:
-        return f"{seconds} s"
-    minutes, seconds = divmod(seconds, 60)
-    if minutes < 60:
-        return f"{minutes} min {seconds} s" if seconds else f"{minutes} min"
-    hours, minutes = divmod(minutes, 60)
-    return f"{hours} h {minutes} min" if minutes else f"{hours} h"
 
 
 class ProgressTracker:

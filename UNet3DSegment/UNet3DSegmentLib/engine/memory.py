@@ -11,17 +11,12 @@ project's machine (``BENCHMARKS.md``). Pure numpy: no framework import.
 from __future__ import annotations
 
 import math
-import re
 from dataclasses import dataclass
 from typing import Any, Optional, Sequence
 
-from ..base.errors import BadInputError
+from ..base.units import GIB, MIB, format_size
 from ..runtime.cpu import total_memory
 
-GIB = 1024 ** 3
-MIB = 1024 ** 2
-_SIZE = re.compile(r"^\s*([0-9]*\.?[0-9]+)\s*([kmgt]?)(i?b)?\s*$", re.IGNORECASE)
-_UNITS = {"": 1, "k": 1024, "m": MIB, "g": GIB, "t": 1024 ** 4}
 
 FRAMEWORK_BYTES = 700 * MIB  # TensorFlow runtime + Python + SimpleITK, measured idle after a load
 ACTIVATION_FACTOR = 3.0  # peak live activations per patch, in units of the largest layer output
@@ -43,24 +38,6 @@ GPU_GFLOPS_BY_BACKEND["tensorflow"] = GPU_GFLOPS_BY_BACKEND["torch"]  # not meas
 # Narrow layers are bound by memory traffic and per-op overhead, not arithmetic: CPU seconds per
 # element of every layer output (per core), calibrated on a 1-filter 64^3 model on this machine.
 CPU_SECONDS_PER_ACTIVATION = 6e-9  # 40 ms per 64^3 patch of a 1-filter seed net (bf16, 2 cores)
-
-
-def parse_size(text: str) -> int:
-    """Bytes for ``"4G"``, ``"512M"``, ``"1.5GiB"``, ``"2GB"`` or a plain byte count (binary units)."""
-    match = _SIZE.match(str(text))
-    if not match:
-        raise BadInputError(f"memory size {text!r} is not a size such as 4G, 512M or 1.5GiB")
-    value = float(match.group(1)) * _UNITS[match.group(2).lower()]
-    if value < 1:
-        raise BadInputError(f"memory size must be positive, got {text!r}")
-    return int(value)
-
-
-def format_size(nbytes: float) -> str:
-    """``1.50 GiB`` / ``300 MiB`` style text."""
-    if nbytes >= GIB:
-        return f"{nbytes / GIB:.2f} GiB"
-    return f"{nbytes / MIB:.0f} MiB"
 
 
 def default_budget() -> int:
@@ -199,15 +176,6 @@ def expected_seconds_per_patch(
     cores = max(1, cores)
     rate = (CPU_GFLOPS_PER_CORE if avx512 else CPU_GFLOPS_PER_CORE_NO_AVX512)[precision] * cores
     return max(flops / (rate * 1e9), activations * CPU_SECONDS_PER_ACTIVATION / cores)
-
-
-def format_seconds(seconds: float) -> str:
-    """``45 s``, ``12.5 min`` or ``1.2 h``."""
-    if seconds < 120:
-        return f"{seconds:.0f} s" if seconds >= 10 else f"{seconds:.1f} s"
-    if seconds < 7200:
-        return f"{seconds / 60:.1f} min"
-    return f"{seconds / 3600:.1f} h"
 
 
 def budget_or_default(max_memory: Optional[int]) -> int:

@@ -3,7 +3,7 @@
 ``segment_images`` works on in-memory SimpleITK images (used by the demo, the benchmark and tests);
 ``segment_files`` adds reading, early output-path checks and atomic writing (used by the command line,
 and through it by the Slicer module and the web app). Both report progress as events (see
-``progress.py``) and stop between batches when ``cancel`` is set.
+``engine/progress.py``) and stop between batches when ``cancel`` is set.
 """
 
 from __future__ import annotations
@@ -20,7 +20,6 @@ from ..base.options import SegmentOptions
 from .progress import ProgressCallback, ProgressEmitter
 
 PathLike = Union[str, Path]
-TTA_AXES = (0, 1, 2)
 
 
 @dataclass
@@ -48,7 +47,8 @@ def _full_probabilities_fit(
     When they do not: with ``keep`` (``--probabilities``) that is an error; otherwise a warning, and
     the labelmap is resampled as labels instead.
     """
-    from .memory import budget_or_default, format_size, probability_bytes
+    from ..base.units import format_size
+    from .memory import budget_or_default, probability_bytes
 
     needed = probability_bytes(prepared.array.shape[:3], classes)
     needed += probability_bytes(tuple(reversed(prepared.original_image.GetSize())), classes)

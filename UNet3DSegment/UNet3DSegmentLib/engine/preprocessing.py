@@ -18,10 +18,10 @@ from typing import Any, Mapping, Optional, Sequence, Tuple
 import numpy as np
 import SimpleITK as sitk
 
+from ..base.options import NORMALIZATIONS
 from ..base.errors import BadInputError, BadModelError, UNet3DSegmentError
 
 Slices = Tuple[slice, slice, slice]
-NORMALIZATION_METHODS = ("zscore-nonzero", "percentile-zscore", "window", "none")
 _GEOMETRY_TOLERANCE = 1e-6  # restored grid vs original grid (relative to the spacing)
 _TINY_STD = 1e-8  # a channel with a smaller standard deviation is constant: divide by 1
 _CHUNK = 1 << 22  # voxels per chunk when accumulating statistics in float64
@@ -342,7 +342,7 @@ def normalize_into(array: np.ndarray, method: str, params: Mapping[str, Any], ou
         out[...] = array
     else:
         raise BadModelError(
-            f"unknown normalisation method {method!r}; use one of {', '.join(NORMALIZATION_METHODS)}"
+            f"unknown normalisation method {method!r}; use one of {', '.join(NORMALIZATIONS)}"
         )
 
 

@@ -33,14 +33,12 @@ _JAX_NO_LIMIT = ("a GPU memory limit is not available on the jax backend; set XL
                  "(a fraction of the GPU's memory, e.g. 0.3) instead, or use the tensorflow or torch backend")
 
 
-def validate_backend(name: Any) -> str:
-    """``name`` checked as the ``backend`` option declares (``SegmentOptions.spec("backend").check``)."""
-    return SegmentOptions.spec("backend").check(name)
+_BACKEND = SegmentOptions.spec("backend")
 
 
 def backend_installed(name: str) -> bool:
     """True when the backend's framework can be imported (checked without importing it)."""
-    return importlib.util.find_spec(validate_backend(name)) is not None
+    return importlib.util.find_spec(_BACKEND.check(name)) is not None
 
 
 def active_backend() -> Optional[str]:
@@ -63,7 +61,7 @@ def select_backend(
     BadInputError when the framework is not installed, or when Keras already runs on another backend in
     this process.
     """
-    name = validate_backend(name)
+    name = _BACKEND.check(name)
     if gpu_memory_limit is not None and name == "jax":
         raise BadInputError(_JAX_NO_LIMIT)
     current = active_backend()

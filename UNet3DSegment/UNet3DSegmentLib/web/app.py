@@ -3,11 +3,11 @@
 ``UNet3DSegmentWebApp`` holds one Slicer scene (trame-slicer's ``SlicerApp``: real MRML, slice and 3D
 views rendered off screen and streamed to the page) and drives it from the page's buttons:
 load a volume (upload or the demo MRI), choose a model, segment, cancel, toggle segments, download
-the result. Segmentation goes through ``mrml_logic.UNet3DSegmentLogic`` -- the class the Slicer
+the result. Segmentation goes through ``mrml.logic.UNet3DSegmentLogic`` -- the class the Slicer
 module uses -- so writing the input, running the engine in a child process and importing names,
 colours and terminology happen in exactly one place. This module only adds what a web page needs:
 an asyncio task that polls the running job (the page stays responsive), state for the widgets
-(``mrml_web_ui`` builds them), upload checks (``mrml_web_files``) and the .seg.nrrd download.
+(``web/ui.py`` builds them), upload checks (``web/files.py``) and the .seg.nrrd download.
 
 One scene per server: every browser tab connected to it sees and drives the same volume.
 """
@@ -36,7 +36,7 @@ from ..client.panel_text import ProgressTracker
 PathLike = Union[str, Path]
 POLL_SECONDS = 0.1
 LAYOUT = "Axial Primary"  # large axial view, 3D / coronal / sagittal beside it
-PAGE_OPTIONS = ("overlap", "batch_size", "device", "precision", "tta", "largest_component")  # under Advanced
+PAGE_OPTIONS = ("overlap", "batch_size", "blend", "device", "precision", "tta", "largest_component")  # under Advanced
 
 _log = logging.getLogger(__name__)
 

@@ -1,7 +1,7 @@
 """Files of the web front end: upload checks (type, size, safe name) and the demo MRI volume.
 
-Part of the web layer (named ``mrml_web_*`` so the engine import test leaves it out), but free of
-trame and Slicer, so every check here is a plain function that tests call directly.
+Part of the web layer, but free of trame and Slicer, so every check here is a plain function that tests
+call directly.
 
 The demo MRI is the MNI152 2009 T1 template shipped inside nilearn (no download); ``downsample``
 > 1 averages blocks of voxels (SimpleITK ``BinShrink``) for fast tests and previews.
