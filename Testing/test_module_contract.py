@@ -294,3 +294,24 @@ def test_no_choice_list_is_written_twice() -> None:
         pattern = re.compile(r"\s*,\s*".join(spelled).replace("'", "[\"']"))
         holders = sorted(str(p.relative_to(MODULE_DIR)) for p, text in sources.items() if pattern.search(text))
         assert set(holders) <= {"UNet3DSegmentLib/base/options.py"}, (choices, holders)
+
+
+def test_no_function_of_the_module_file_binds_a_slicer_module_name_locally() -> None:
+    """``import slicer.packaging`` inside a function makes ``slicer`` local to it: on Slicer 5.8/5.10, which lack
+    slicer.packaging, the fallback then raised UnboundLocalError on ``slicer.util``. No function may bind these."""
+    shared = {"slicer", "qt", "ctk", "vtk"}
+    offenders = []
+    for function in ast.walk(module_tree()):
+        if not isinstance(function, (ast.FunctionDef, ast.AsyncFunctionDef)):
+            continue
+        for node in ast.walk(function):
+            bound = []
+            if isinstance(node, ast.Import):
+                bound = [(a.asname or a.name.split(".")[0]) for a in node.names]
+            elif isinstance(node, ast.ImportFrom):
+                bound = [a.asname or a.name for a in node.names]
+            elif isinstance(node, (ast.Assign, ast.AnnAssign, ast.AugAssign)):
+                targets = node.targets if isinstance(node, ast.Assign) else [node.target]
+                bound = [t.id for t in targets if isinstance(t, ast.Name)]
+            offenders += [f"{function.name}:{node.lineno} binds {name}" for name in bound if name in shared]
+    assert offenders == []

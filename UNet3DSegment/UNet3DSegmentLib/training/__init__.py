@@ -1,0 +1,1 @@
+"""Training layer: image/label pairs, augmentation, the training loop, and the demo model's data and run."""
