@@ -25,9 +25,10 @@ from __future__ import annotations
 import dataclasses
 import enum
 import math
+import numbers
 import typing
 from dataclasses import dataclass
-from typing import Any, Callable, ClassVar, Iterable, Mapping, Optional, Sequence, TypeVar
+from typing import Any, Callable, ClassVar, Iterable, Mapping, Optional, TypeVar
 
 from .errors import BadInputError
 from .units import format_size, parse_size
@@ -117,8 +118,7 @@ class Option:
     def _check_number(self, value: Any) -> Any:
         if self.is_size and isinstance(value, str):
             value = parse_size(value)
-        if isinstance(value, bool) or not isinstance(value, (int, float)) and not hasattr(value, "__index__") \
-                and not hasattr(value, "__float__"):
+        if isinstance(value, bool) or not isinstance(value, numbers.Real):  # numpy scalars are Real too
             raise BadInputError(f"{self.title} must be a number, got {value!r}")
         if self.kind is int:
             if isinstance(value, float) and not value.is_integer():
@@ -385,13 +385,3 @@ class WebOptions(OptionGroup):
                                   minimum=1.0)
     demo_downsample: int = option(1, "load the demo MRI block-averaged by this factor (tests, slow machines)",
                                   minimum=1)
-
-
-def panel_range(name: str) -> tuple[float, float]:
-    """``(minimum, maximum)`` of a segment option for the Slicer panel's ``WithinRange``."""
-    return SegmentOptions.spec(name).panel_range()
-
-
-def segment_defaults(names: Sequence[str]) -> dict[str, Any]:
-    """Declared defaults of some segment options, by name."""
-    return {name: SegmentOptions.spec(name).default for name in names}

@@ -66,10 +66,6 @@ class RuntimeState:
         """The device in effect for ``backend``, or None when it was not configured yet."""
         return self.device if self.backend == backend else None
 
-    def clear(self) -> None:
-        """Forget the record (tests; a framework already started keeps its settings regardless)."""
-        self.backend = self.request = self.device = None
-
 
 RUNTIME = RuntimeState()
 
