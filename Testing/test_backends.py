@@ -154,7 +154,7 @@ def test_gpu_memory_limit_is_refused_on_jax_and_when_tiny():
 def test_gpu_memory_limit_option(tmp_path: Path, tiny_model_path: Path, volume: Path):
     """Accepted as a size on the command line (no GPU here: nothing to cap, same result); bad sizes refused."""
     bad = run_segment([str(volume), "-o", str(tmp_path / "a.nrrd"), "--gpu-memory-limit", "lots"])
-    assert bad.returncode == 2 and "--gpu-memory-limit" in bad.stderr
+    assert bad.returncode == 3 and "--gpu-memory-limit" in bad.stderr
     good = run_segment([str(volume), "-o", str(tmp_path / "b.nrrd"), "--model", str(tiny_model_path),
                         "--gpu-memory-limit", "512M", "--progress", "none"])
     assert good.returncode == 0, good.stderr

@@ -134,10 +134,12 @@ def test_error_kinds_give_one_line_and_exit_code(case, expected_code, expected_t
 
 
 def test_bad_overlap_is_a_usage_error(tmp_path: Path, oblique_nrrd: Path, capsys):
-    with pytest.raises(SystemExit) as exit_info:
-        main(["segment", str(oblique_nrrd), "-o", str(tmp_path / "o.nrrd"), "--overlap", "1.2"])
-    assert exit_info.value.code == errors.EXIT_USAGE
-    assert "overlap must be >= 0 and < 1, got 1.2" in capsys.readouterr().err
+    """A usage error is bad input: one line, exit 3 (issue 12; argparse's usage block and exit 2 before)."""
+    code = main(["segment", str(oblique_nrrd), "-o", str(tmp_path / "o.nrrd"), "--overlap", "1.2"])
+    assert code == errors.EXIT_BAD_INPUT
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["unet3d-segment: error: argument --overlap: overlap must be >= 0 and < 1, got 1.2; "
+                   "see 'unet3d-segment segment --help'"]
 
 
 def run_engine(args: list[str], **kwargs) -> subprocess.Popen:
@@ -194,13 +196,16 @@ def test_sigterm_cancels_and_leaves_nothing(tmp_path: Path, tiny_model_path: Pat
 
 def test_failed_labelmap_write_removes_the_probabilities(tmp_path: Path, oblique_nrrd: Path,
                                                           tiny_model_path: Path, monkeypatch, capsys):
-    """No half-finished run: when the labelmap cannot be written, the probabilities go too."""
+    """No half-finished run: when the labelmap cannot be written, the probabilities are not written either."""
     from UNet3DSegmentLib.engine import image_io
 
-    def broken_write(*args, **kwargs):
-        raise errors.BadInputError("cannot write labels.nrrd: disk full; free some space")
+    def broken_writer(*args, **kwargs):
+        def write(temp):
+            temp.write_bytes(b"half")
+            raise OSError(28, "disk full")
+        return write
 
-    monkeypatch.setattr(image_io, "write_labelmap", broken_write)
+    monkeypatch.setattr(image_io, "labelmap_writer", broken_writer)
     code = main(["segment", str(oblique_nrrd), "-o", str(tmp_path / "labels.nrrd"), "--model",
                  str(tiny_model_path), "--probabilities", str(tmp_path / "probs.nrrd"), "--progress", "none"])
     assert code == errors.EXIT_BAD_INPUT

@@ -8,6 +8,7 @@ so that cancelling is checked on a real process tree.
 from __future__ import annotations
 
 import os
+import subprocess
 import sys
 import textwrap
 import time
@@ -183,7 +184,8 @@ def test_killed_child_is_reported_with_the_signal(stand_in: Path) -> None:
     assert process.returncode == -9
     error = process.error()
     assert type(error) is UNet3DSegmentError
-    assert str(error).startswith("engine was killed by SIGKILL (often: out of memory)")
+    assert str(error) == ("the engine was killed (most likely out of memory): the engine process was ended by "
+                          "SIGKILL; try a smaller batch size, the CPU device, or a smaller overlap or volume")
 
 
 @pytest.mark.parametrize("mode", ["tree", "stubborn", "graceful"])
@@ -341,3 +343,180 @@ def test_every_flag_the_panel_can_send_is_accepted_by_the_engine_command_line() 
     assert (args.inputs, args.output, args.model) == (["/in/t1.nrrd"], "/o.nrrd", "/m/model.keras")
     assert (args.overlap, args.batch_size, args.blend, args.tta) == (0.25, 4, "constant", True)
     assert (args.device, args.precision, args.largest_component, args.progress) == ("cpu", "bf16", True, "json")
+
+
+# --- behind Slicer's PythonSlicer launcher (issue 11, defect 2) ------------------------------------
+# Testing/fakes/PythonSlicer stands in for the CTK launcher (see the facts in its docstring): it runs
+# python-real as its child in the same process group with inherited stdout/stderr, passes a normal
+# exit code on, turns a child killed by a signal into "error: [<python-real>] exit abnormally -
+# Report the problem." + exit 1, and dies at SIGTERM at once. Testing/fakes/fake_engine.py is the
+# engine (no TensorFlow).
+
+FAKES = Path(__file__).resolve().parent / "fakes"
+FAKE_ENGINE = FAKES / "fake_engine.py"
+REMEDY = "try a smaller batch size, the CPU device, or a smaller overlap or volume"
+posix_only = pytest.mark.skipif(os.name == "nt", reason="POSIX signals and process groups")
+
+
+class Launcher:
+    """How to run the fake engine: through the stand-in PythonSlicer, or directly (``python_real``)."""
+
+    def __init__(self, tmp_path: Path) -> None:
+        self.python_real = tmp_path / "bin" / "python-real"  # the name the real launcher reports
+        self.python_real.parent.mkdir()
+        self.python_real.symlink_to(sys.executable)
+        script = FAKES / "PythonSlicer"
+        self.prefix = [str(script)] if os.access(script, os.X_OK) else ["/bin/sh", str(script)]
+        self.env = dict(os.environ, UNET3D_FAKE_PYTHON_REAL=str(self.python_real),
+                        UNET3D_FAKE_LAUNCHER_PYTHON=sys.executable)
+
+    def start(self, *arguments: object, launcher: bool = True) -> EngineProcess:
+        prefix = self.prefix if launcher else [str(self.python_real)]
+        return EngineProcess.start(prefix + [str(FAKE_ENGINE)] + [str(a) for a in arguments], env=self.env)
+
+
+@pytest.fixture()
+def slicer(tmp_path: Path) -> Launcher:
+    return Launcher(tmp_path)
+
+
+def wait_for_file(path: Path, timeout: float = 10.0) -> str:
+    deadline = time.monotonic() + timeout
+    while not path.exists():
+        assert time.monotonic() < deadline, f"{path.name} did not appear"
+        time.sleep(0.01)
+    return path.read_text()
+
+
+@posix_only
+def test_launcher_passes_exit_codes_and_output_on(slicer: Launcher, tmp_path: Path) -> None:
+    process = slicer.start("exit", 3, "bad-input", "input volume is empty")
+    run_to_end(process)
+    assert process.returncode == 3
+    assert type(process.error()) is BadInputError and str(process.error()) == "input volume is empty"
+    process = slicer.start("ok", tmp_path / "seg.nrrd")
+    assert [e["stage"] for e in run_to_end(process)] == ["load", "inference", "done"]
+    assert process.returncode == 0 and process.error() is None and process.output == tmp_path / "seg.nrrd"
+
+
+@posix_only
+@pytest.mark.parametrize("launcher", [True, False], ids=["behind-PythonSlicer", "direct"])
+def test_engine_killed_by_the_oom_killer_is_reported_as_out_of_memory(slicer: Launcher, launcher: bool) -> None:
+    process = slicer.start("oom", launcher=launcher)
+    events = run_to_end(process, timeout=10.0)
+    assert [e["stage"] for e in events] == ["load", "inference"]
+    allocator_warning = ("W external/local_tsl/tsl/framework/cpu_allocator_impl.cc:83] Allocation of 1073741824 "
+                         "exceeds 10% of free system memory")
+    if launcher:
+        assert process.returncode == 1  # all the launcher says about SIGKILL, besides its line:
+        assert process.stderr_tail[-1] == f"error: [{slicer.python_real}] exit abnormally - Report the problem."
+        detail = "python-real exited abnormally (reported by the Python launcher)"
+    else:
+        assert process.returncode == -9
+        detail = "the engine process was ended by SIGKILL"
+    error = process.error()
+    assert type(error) is UNet3DSegmentError and not process.cancelled
+    assert str(error) == (f"the engine was killed (most likely out of memory): {detail}; "
+                          f"its last message: {allocator_warning}; {REMEDY}")
+    assert "\n" not in str(error)
+
+
+@posix_only
+@pytest.mark.parametrize("how", ["request_cancel+poll", "cancel"])
+def test_cancel_behind_the_launcher_lets_python_real_clean_up_and_exit_5(slicer: Launcher, tmp_path: Path,
+                                                                         how: str) -> None:
+    """The launcher dies at SIGTERM at once; python-real (same group) still gets its grace period."""
+    work = tmp_path / "work"
+    work.mkdir()
+    cleanup_seconds, grace = 0.5, 3.0
+    process = slicer.start("graceful", work, cleanup_seconds)
+    python_real_pid = int(wait_for_file(work / "ready"))
+    assert (work / "engine.tmp").exists() and python_real_pid != process.pid
+    start = time.monotonic()
+    if how == "cancel":
+        process.cancel(grace_seconds=grace)
+        events = process.poll()
+    else:
+        process.request_cancel(grace_seconds=grace)
+        assert time.monotonic() - start < 0.2
+        while process.returncode is None:  # the launcher goes at once...
+            assert time.monotonic() - start < cleanup_seconds, "the launcher outlived SIGTERM"
+            time.sleep(0.005)
+        assert process.returncode == -15
+        # ...while python-real cleans up: the job is not finished, and nothing here blocks.
+        before = time.monotonic()
+        assert not process.finished
+        events = process.poll()
+        assert process.wait(timeout=0.05) is None
+        assert time.monotonic() - before < 0.2
+        assert not gone(python_real_pid) and (work / "engine.tmp").exists()
+        events += run_to_end(process)
+    elapsed = time.monotonic() - start
+    assert (work / "cleaned").read_text() == "cleaned up after SIGTERM"
+    assert not (work / "engine.tmp").exists()
+    assert cleanup_seconds <= elapsed < grace
+    assert gone(python_real_pid)
+    assert process.finished and process.cancelled and process.returncode == -15
+    assert type(process.error()) is CancelledError
+    assert process.last_error is not None and process.last_error["exit_code"] == 5
+    assert process.last_error["kind"] == "cancelled"
+    if how != "cancel":
+        assert events[-1]["stage"] == "error" and events[-1]["exit_code"] == 5
+
+
+@posix_only
+@pytest.mark.parametrize("launcher", [True, False], ids=["behind-PythonSlicer", "direct"])
+def test_engine_that_ignores_sigterm_is_killed_after_the_grace_period(slicer: Launcher, tmp_path: Path,
+                                                                      launcher: bool) -> None:
+    work = tmp_path / "work"
+    work.mkdir()
+    process = slicer.start("stubborn", work, launcher=launcher)
+    python_real_pid = int(wait_for_file(work / "ready"))
+    grace = 0.5
+    start = time.monotonic()
+    process.request_cancel(grace_seconds=grace)
+    run_to_end(process, timeout=5.0)
+    elapsed = time.monotonic() - start
+    assert grace <= elapsed < grace + 1.5
+    assert gone(python_real_pid)
+    assert process.returncode == (-15 if launcher else -9)  # the launcher itself dies at SIGTERM
+    assert (work / "engine.tmp").exists() and not (work / "cleaned").exists()  # no clean-up: SIGKILLed
+    assert process.cancelled and type(process.error()) is CancelledError
+
+
+def test_launcher_report_of_a_killed_child_reads_as_out_of_memory() -> None:
+    line = "error: [/opt/Slicer/bin/../lib/Python/bin/python-real] exit abnormally - Report the problem."
+    error = error_for_exit(1, None, ["some TensorFlow chatter", line])
+    assert type(error) is UNet3DSegmentError
+    assert str(error) == ("the engine was killed (most likely out of memory): python-real exited abnormally "
+                          f"(reported by the Python launcher); its last message: some TensorFlow chatter; {REMEDY}")
+    assert str(error_for_exit(1, None, [line])) == (
+        f"the engine was killed (most likely out of memory): python-real exited abnormally (reported by the "
+        f"Python launcher); {REMEDY}")
+    assert type(error_for_exit(1, None, [line], cancelled=True)) is CancelledError
+    assert type(error_for_exit(3, None, ["bad volume", line])) is BadInputError  # only exit 1 is the launcher's
+    plain = error_for_exit(1, {"message": "ValueError: boom"}, ["Traceback ..."])
+    assert type(plain) is UNet3DSegmentError and str(plain) == "ValueError: boom" and plain.exit_code == 1
+    killed = error_for_exit(-9, {"message": "patch 3/40."})
+    assert str(killed) == ("the engine was killed (most likely out of memory): the engine process was ended by "
+                           f"SIGKILL; its last message: patch 3/40; {REMEDY}")
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+def test_a_group_left_with_zombies_only_counts_as_gone() -> None:
+    """An orphaned python-real that nobody reaps must not hold the SIGKILL back until the grace ends."""
+    from UNet3DSegmentLib.client.engine_process import _group_alive  # (local: the file also runs on older code)
+
+    sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"], start_new_session=True)
+    try:
+        assert _group_alive(sleeper.pid) is True
+    finally:
+        sleeper.kill()
+    deadline = time.monotonic() + 5.0
+    while psutil.Process(sleeper.pid).status() != psutil.STATUS_ZOMBIE:
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    os.killpg(sleeper.pid, 0)  # the kernel still counts the unreaped zombie as a member...
+    assert _group_alive(sleeper.pid) is False  # ...we do not
+    assert sleeper.wait() == -9
+    assert _group_alive(sleeper.pid) is False

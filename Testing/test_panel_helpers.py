@@ -140,7 +140,7 @@ def test_engine_modules_follow_the_backend():
     assert dependencies.engine_modules() == ("tensorflow", "SimpleITK", "numpy")
     assert dependencies.engine_modules("torch") == ("keras", "torch", "SimpleITK", "numpy")
     assert dependencies.engine_modules("jax") == ("keras", "jax", "SimpleITK", "numpy")
-    assert dependencies.requirements_for(["keras", "torch"]) == ["keras>=3", "torch"]
+    assert dependencies.requirements_for(["keras", "torch"]) == ["keras>=3.11", "torch"]
     with pytest.raises(BadInputError, match=r"^backend must be one of tensorflow, torch, jax, got 'caffe'$"):
         dependencies.engine_modules("caffe")
 
@@ -155,3 +155,37 @@ def test_phantom_score_and_the_self_tests_floors() -> None:
     assert phantom.score_failures(brain, classes, ["CSF", "GM", "WM"]) == [
         f"GM Dice {classes[1]:.3f} < 0.5", f"WM Dice {classes[2]:.3f} < 0.5",
         f"mean class Dice {sum(classes) / 3:.3f} < 0.8"]
+
+
+def test_log_gets_each_stage_and_each_tenth_of_the_patches_not_every_patch():
+    from UNet3DSegmentLib.client.panel_text import ProgressTracker, log_line
+
+    tracker, lines = ProgressTracker(), []
+    events = [{"stage": "load", "message": "model"}] + [
+        {"stage": "inference", "done": d, "total": 100, "seconds": float(d)} for d in range(1, 101)] + [
+        {"stage": "postprocess"}, {"stage": "done"}]
+    for event in events:
+        previous = tracker.view
+        line = log_line(previous, tracker.update(event), event)
+        if line:
+            lines.append(line)
+    inference = [line for line in lines if line.startswith("Segmenting")]
+    assert lines[0] == "Loading: model" and lines[-2:] == ["Building the labelmap...", "Importing the result..."]
+    assert inference[0] == "Segmenting: 1/100 patches, estimating time left"
+    assert 9 <= len(inference) <= 12  # about one per tenth, not 100
+
+
+def test_segment_rows_format_colour_and_millilitres():
+    from UNet3DSegmentLib.client.panel_text import segment_rows
+    from UNet3DSegmentLib.mrml.statistics import SegmentVolume
+
+    rows = segment_rows([SegmentVolume("1", "CSF", (0.29, 0.565, 0.851), 1234, 1.2345),
+                         SegmentVolume("2", "Empty", (1.0, 0.0, 0.0), 0, 0.0)])
+    assert rows == [("CSF", "#4a90d9", "1.23"), ("Empty", "#ff0000", "0.00")]
+
+
+def test_torch_is_split_from_the_other_requirements():
+    from UNet3DSegmentLib.client.install import split_torch
+
+    assert split_torch(["keras>=3", "torch>=2.1"]) == (True, ["keras>=3"])
+    assert split_torch(["tensorflow>=2.16", "torchvision"]) == (False, ["tensorflow>=2.16", "torchvision"])

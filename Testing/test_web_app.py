@@ -101,8 +101,8 @@ def test_demo_volume_downsampled_by_block_averaging(tmp_path: Path) -> None:
 
 def test_web_command_defaults_to_loopback() -> None:
     args = build_parser().parse_args(["web"])
-    assert (args.host, args.port, args.model, args.max_upload_mb, args.demo_downsample) == (
-        "127.0.0.1", 8080, None, 512.0, 1)
+    assert (args.host, args.port, args.model, args.models_dir, args.max_upload_mb, args.demo_downsample) == (
+        "127.0.0.1", 8080, None, None, 512.0, 1)
     args = build_parser().parse_args(["web", "--host", "0.0.0.0", "--port", "0", "--demo-downsample", "4"])
     assert (args.host, args.port, args.demo_downsample) == ("0.0.0.0", 0, 4)
 
@@ -210,27 +210,30 @@ def colour_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @contextlib.contextmanager
 def running_server(model: Optional[Path], log_path: Path, demo_downsample: int = 4, threads: int = 1,
-                   max_upload_mb: float = 512):
-    """``unet3d-segment web`` on a free loopback port; yields its URL, stops it with SIGTERM (exit 0)."""
+                   max_upload_mb: float = 512, models_dir: Optional[Path] = None):
+    """``unet3d-segment web`` on a free loopback port; yields the URL it prints (with the launch's token),
+    stops it with SIGTERM (exit 0)."""
     port = free_port()
     command = [sys.executable, "-m", "UNet3DSegmentLib", "web", "--port", str(port),
                "--demo-downsample", str(demo_downsample), "--max-upload-mb", str(max_upload_mb)]
     if model is not None:
         command += ["--model", str(model)]
+    if models_dir is not None:
+        command += ["--models-dir", str(models_dir)]
     env = dict(os.environ, OMP_NUM_THREADS=str(threads))
     with open(log_path, "w") as log:
         process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
         try:
             deadline = time.monotonic() + 90
-            while True:
-                try:
-                    with socket.create_connection(("127.0.0.1", port), timeout=1):
-                        break
-                except OSError:
-                    if process.poll() is not None or time.monotonic() > deadline:
-                        raise AssertionError(f"web server did not start: {log_path.read_text()[-2000:]}")
-                    time.sleep(0.5)
-            yield f"http://127.0.0.1:{port}/"
+            marker = "unet3d-segment web: open "
+            while marker not in log_path.read_text(errors="replace"):  # printed once the port is bound
+                if process.poll() is not None or time.monotonic() > deadline:
+                    raise AssertionError(f"web server did not start: {log_path.read_text()[-2000:]}")
+                time.sleep(0.5)
+            line = next(l for l in log_path.read_text(errors="replace").splitlines() if marker in l)
+            url = line.split(marker, 1)[1].strip()
+            assert url.startswith(f"http://127.0.0.1:{port}/?secret=") and len(url.rsplit("=", 1)[1]) >= 40, url
+            yield url
             os.killpg(process.pid, signal.SIGTERM)  # the command turns SIGTERM into a clean stop
             assert process.wait(30) == 0, log_path.read_text()[-2000:]
         finally:
@@ -241,7 +244,7 @@ def running_server(model: Optional[Path], log_path: Path, demo_downsample: int =
 
 @pytest.fixture()
 def web_server(colour_model: Path, tmp_path: Path):
-    with running_server(colour_model, tmp_path / "server.log", max_upload_mb=1) as url:
+    with running_server(colour_model, tmp_path / "server.log", max_upload_mb=1, models_dir=colour_model.parent) as url:
         yield url
 
 
@@ -262,8 +265,20 @@ async def _drive(url: str, colour_model: Path, work: Path) -> None:
         await browser.send("Page.navigate", url=url)
         await browser.wait_for("!!document.getElementById('load-demo')", 60, "the page (websocket) to come up")
         assert await browser.eval("document.getElementById('segment').disabled") is True  # no volume yet
-        names = await browser.eval("[...document.querySelectorAll('#card-classes .v-chip')].map(e => e.innerText)")
-        assert [n.strip() for n in names] == ["CSF", "Grey matter", "White matter"]
+        names = await browser.wait_for("[...document.querySelectorAll('#card-classes .v-chip')].map(e => e.innerText)"
+                                       ".join('|')", 30, "the model card")
+        assert [n.strip() for n in names.split("|")] == ["CSF", "Grey matter", "White matter"]
+        # The model is chosen from a list fixed at launch: --model, the bundled model and --models-dir.
+        listed = await browser.eval("window.trame.state.get('model_items').map(i => i.value)")
+        assert str(colour_model) in listed and str(colour_model.with_name("broken.keras")) in listed, listed
+        assert "secret=" not in await browser.eval("window.location.href")  # trame's client drops it from sight
+        # A path the list does not offer is refused without a word about it (exists? what is next to it?).
+        await browser.eval("window.trame.state.set('model_path', '/etc/hostname')")
+        warning = await browser.wait_for("window.trame.state.get('card_error')", 30, "the refusal of an unlisted path")
+        assert "choose one of the listed models" in warning and "hostname" not in warning, warning
+        await browser.eval(f"window.trame.state.set('model_path', {json.dumps(str(colour_model))})")
+        await browser.wait_for("window.trame.state.get('card_error') === '' && window.trame.state.get('card_title')",
+                               30, "the listed model's card again")
 
         # A wrong file type is refused with a message; nothing is loaded.
         wrong = work / "notes.txt"
@@ -291,6 +306,9 @@ async def _drive(url: str, colour_model: Path, work: Path) -> None:
         assert "cannot read garbage.nrrd as a volume" in error
         assert await browser.eval("window.trame.state.get('volume_name')") == ""
 
+        # The demo MRI is prepared by the server from its start, off its event loop (nilearn's first import
+        # and a block-averaged copy); wait for that, which is slow once only on a cold machine, then load it.
+        await browser.wait_for("window.trame.state.get('demo_ready')", 180, "the server to prepare the demo MRI")
         await browser.click("load-demo")
         info = await browser.wait_for("document.getElementById('info')?.innerText.includes('Loaded') && "
                                       "document.getElementById('info').innerText", 60, "the demo MRI")

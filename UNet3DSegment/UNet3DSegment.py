@@ -1,3 +1,4 @@
+import contextlib
 import os
 import pathlib
 import time
@@ -23,8 +24,12 @@ from UNet3DSegmentLib.client import dependencies, install, panel_text, phantom
 from UNet3DSegmentLib.client.engine_process import slicer_python
 from UNet3DSegmentLib.client.panel_options import choiceEnum, default, options_from_parameters, panel_range
 from UNet3DSegmentLib.mrml.logic import UNet3DSegmentLogic as SegmentationLogicBase
+from UNet3DSegmentLib.mrml.statistics import segmentVolumes
 
 MAX_CHANNELS = 4  # input selectors in the panel; the Python API takes any number
+CREATED_BY_ATTRIBUTE = "UNet3DSegment.CreatedBy"  # on segmentations this panel made: re-runs replace them unasked
+LOG_LINES_KEPT = 5000
+SEGMENT_TABLE_HEADERS = ["Segment", "Colour", "Volume (mL)"]
 
 
 #
@@ -46,7 +51,7 @@ Segment the loaded volume with a Keras 3D U-Net by sliding-window patch inferenc
 The result is a segmentation with the model card's segment names, colours and terminology.
 Inference runs in a separate process: Slicer stays responsive and Segment turns into Cancel.
 The bundled brain-tissue model is a demonstration model, not for clinical use.
-See <a href="https://github.com/unet3dsegment/UNet3DSegment#readme">the documentation</a>.
+See <a href="https://github.com/UNet3DSegment/SlicerUNet3DSegment#readme">the documentation</a>.
 """)
         self.parent.acknowledgementText = _("""
 Built on the 3D U-Net of Cicek et al. (2016), TensorFlow/Keras, SimpleITK and 3D Slicer.
@@ -78,6 +83,7 @@ class UNet3DSegmentParameterNode:
     precision: choiceEnum("precision") = default("precision")
     backend: choiceEnum("backend") = default("backend")
     gpuMemoryLimit: str = default("gpu_memory_limit")  # a size such as 6G; empty: no limit
+    trustModel: bool = default("trust_model")  # a SavedModel may then run any operation: asked before it is set
     pythonExecutable: str = ""
 
 
@@ -120,11 +126,17 @@ class UNet3DSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.bundledModelButton.connect("clicked(bool)", self.onBundledModelButton)
         self.ui.pythonBrowseButton.connect("clicked(bool)", self.onPythonBrowseButton)
         self.ui.modelPathLineEdit.connect("currentPathChanged(QString)", self.onModelChanged)
+        self.ui.outputSegmentationSelector.connect("currentNodeChanged(vtkMRMLNode*)", self.onOutputChanged)
+        self.ui.trustModelCheckBox.connect("toggled(bool)", self.onTrustModelToggled)
+        self.ui.segmentsTableWidget.setColumnCount(len(SEGMENT_TABLE_HEADERS))
+        self.ui.segmentsTableWidget.setHorizontalHeaderLabels(SEGMENT_TABLE_HEADERS)
+        self.ui.logTextEdit.maximumBlockCount = LOG_LINES_KEPT
         self.initializeParameterNode()
 
     def cleanup(self) -> None:
         self._cancelJob()
         self._timer.stop()
+        self.logic.shutdownEngine()  # the warm engine child goes with the module
         self.removeObservers()
 
     def enter(self) -> None:
@@ -134,11 +146,13 @@ class UNet3DSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if self._parameterNode:
             self._parameterNode.disconnectGui(self._parameterNodeGuiTag)
             self._parameterNodeGuiTag = None
-            self.removeObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self._checkCanApply)
+            self._stopObservingParameterNode()
 
     def onSceneStartClose(self, caller, event) -> None:
         self._cancelJob()  # its input volumes are about to go
+        self.logic.shutdownEngine()  # a new scene may bring another model: free the memory now
         self.setParameterNode(None)
+        self._showSegments(None)
 
     def onSceneEndClose(self, caller, event) -> None:
         if self.parent.isEntered:
@@ -159,12 +173,16 @@ class UNet3DSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def setParameterNode(self, inputParameterNode: Optional[UNet3DSegmentParameterNode]) -> None:
         if self._parameterNode:
             self._parameterNode.disconnectGui(self._parameterNodeGuiTag)
-            self.removeObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self._checkCanApply)
+            self._stopObservingParameterNode()
         self._parameterNode = inputParameterNode
         if self._parameterNode:
             self._parameterNodeGuiTag = self._parameterNode.connectGui(self.ui)
             self.addObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self._checkCanApply)
             self._checkCanApply()
+
+    def _stopObservingParameterNode(self) -> None:
+        if self.hasObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self._checkCanApply):
+            self.removeObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self._checkCanApply)
 
     def onModelChanged(self, path=None) -> None:
         """Show the model card, and one input selector per channel labelled with the channel's name."""
@@ -210,30 +228,53 @@ class UNet3DSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if path:
             self._parameterNode.pythonExecutable = path
 
+    def onTrustModelToggled(self, checked: bool) -> None:
+        """Trusting a model is asked for each time it is switched on: a SavedModel is a program."""
+        if checked and not slicer.util.confirmOkCancelDisplay(_(
+                "Trust this model? A trusted SavedModel may run any TensorFlow operation, reading and writing "
+                "files with your rights. Only for models from a source you trust.")):
+            self.ui.trustModelCheckBox.checked = False  # the widget, not the node: its binding reads the widget
+
+    def onOutputChanged(self, node=None) -> None:
+        """The Show 3D button follows the chosen output segmentation."""
+        self.ui.show3DButton.setSegmentationNode(node)
+
     def onSegmentButton(self) -> None:
         if self._job is not None:
             self._job.requestCancel()  # the timer keeps polling until the child is gone
             self.ui.segmentButton.text = _("Cancelling...")
+            self._log(_("Cancel requested."))
             self._checkCanApply()
             return
-        with slicer.util.tryWithErrorDisplay(_("Failed to start the segmentation."), waitCursor=True):
+        # Questions first, with the normal cursor; the wait cursor only while the run starts.
+        with slicer.util.tryWithErrorDisplay(_("Failed to start the segmentation.")):
+            self.ui.logTextEdit.clear()
             p = self._parameterNode
             python = p.pythonExecutable.strip() or None
             if not self._ensureDependencies(python):
                 return
             output = p.outputSegmentation
-            if output is not None and output.GetSegmentation().GetNumberOfSegments() > 0:
-                question = _("Replace the {count} segments of '{name}' with the result?").format(
-                    count=output.GetSegmentation().GetNumberOfSegments(), name=output.GetName())
-                if not slicer.util.confirmOkCancelDisplay(question):
-                    return
+            if not self._confirmReplace(output):
+                return
+            options = options_from_parameters(p)
+            self._log(_("Segmenting with {model}").format(model=p.modelPath))
             self._tracker = panel_text.ProgressTracker()
-            self._job = self.logic.segment(
-                self._inputVolumes(), output, model=p.modelPath, options=options_from_parameters(p),
-                pythonExecutable=python, replaceExisting=output is not None, waitForCompletion=False,
-                progress=self.onProgress)
+            with _waitCursor():
+                self._job = self.logic.segment(
+                    self._inputVolumes(), output, model=p.modelPath, options=options, pythonExecutable=python,
+                    replaceExisting=output is not None, waitForCompletion=False, progress=self.onProgress)
             self._setRunning(True)
             self._timer.start()
+
+    def _confirmReplace(self, output) -> bool:
+        """Ask before replacing the segments of a segmentation this panel did not make."""
+        if output is None or output.GetSegmentation().GetNumberOfSegments() == 0:
+            return True
+        if output.GetAttribute(CREATED_BY_ATTRIBUTE):
+            return True  # a re-run updates the panel's own result
+        question = _("Replace the {count} segments of '{name}' with the result?").format(
+            count=output.GetSegmentation().GetNumberOfSegments(), name=output.GetName())
+        return slicer.util.confirmOkCancelDisplay(question)
 
     def _ensureDependencies(self, python: Optional[str]) -> bool:
         """Offer to install what Slicer's Python lacks (never at import, never under --testing)."""
@@ -243,16 +284,30 @@ class UNet3DSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if plan.action == "refuse":
             raise BadInputError(plan.message)
         if plan.action == "ask":
+            torch, others = install.split_torch(plan.requirements)
+            installTorch = install.pytorch_extension_installer() if torch else None
             if not slicer.util.confirmOkCancelDisplay(plan.message):
+                self._log(_("Installation declined: nothing was run."))
                 return False
-            self.logic.installDependencies(plan.requirements)
+            self._log(_("Installing {requirements} into Slicer's Python...").format(
+                requirements=", ".join(plan.requirements)))
+            if installTorch is not None:
+                installTorch()
+            if others:
+                with _waitCursor(enabled=_pipEnsure() is None):  # pip_ensure shows its own progress dialog
+                    self.logic.installDependencies(others)
+            self._log(_("Installed."))
         return True
 
     def onProgress(self, event: dict) -> None:
+        previous = self._tracker.view
         view = self._tracker.update(event)
         self.ui.progressBar.value = view.percent
         self.ui.progressBar.format = f"{view.bar_text}  %p%"
         self.ui.statusLabel.text = view.status
+        line = panel_text.log_line(previous, view, event)
+        if line:
+            self._log(line)
 
     def onPoll(self) -> None:
         if self._job is None:
@@ -264,6 +319,11 @@ class UNet3DSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._timer.stop()
         job, self._job = self._job, None
         self._setRunning(False)
+        engineOutput = list(getattr(job.process, "stderr_tail", []))
+        if engineOutput:
+            self._log(_("Engine output:"))
+            for line in engineOutput:
+                self._log("  " + line)
         if isinstance(job.error, CancelledError):
             self.ui.progressBar.value = 0
             self.ui.statusLabel.text = _("Cancelled: the scene was left as it was.")
@@ -273,10 +333,30 @@ class UNet3DSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 slicer.util.errorDisplay(_("Segmentation failed.") + "\n\n" + str(job.error))
         else:
             node = job.segmentationNode
+            node.SetAttribute(CREATED_BY_ATTRIBUTE, self.moduleName)
+            self._parameterNode.outputSegmentation = node  # the selector shows it; a re-run updates it
             self.ui.progressBar.value = 100
             self.ui.statusLabel.text = _("Done: {count} segments in '{name}'.").format(
                 count=node.GetSegmentation().GetNumberOfSegments(), name=node.GetName())
             self.ui.modelPathLineEdit.addCurrentPathToHistory()
+            self._showSegments(node)
+        self._log(self.ui.statusLabel.text)
+
+    def _showSegments(self, node) -> None:
+        """The result table (name, colour, mL) and the Show 3D button for ``node`` (None: empty)."""
+        table = self.ui.segmentsTableWidget
+        rows = panel_text.segment_rows(segmentVolumes(node)) if node is not None else []
+        table.setRowCount(len(rows))
+        for index, (name, colour, millilitres) in enumerate(rows):
+            colourItem = qt.QTableWidgetItem(colour)
+            colourItem.setBackground(qt.QColor(colour))
+            for column, item in enumerate((qt.QTableWidgetItem(name), colourItem, qt.QTableWidgetItem(millilitres))):
+                table.setItem(index, column, item)
+        table.visible = bool(rows)
+        self.ui.show3DButton.setSegmentationNode(node)
+
+    def _log(self, line: str) -> None:
+        self.ui.logTextEdit.appendPlainText(line)
 
     def _setRunning(self, running: bool) -> None:
         self.ui.segmentButton.text = _("Cancel") if running else _("Segment")
@@ -305,6 +385,7 @@ class UNet3DSegmentLogic(ScriptedLoadableModuleLogic, SegmentationLogicBase):
     def __init__(self) -> None:
         ScriptedLoadableModuleLogic.__init__(self)
         self.temporaryRoot = pathlib.Path(slicer.app.temporaryPath) / "UNet3DSegment"
+        self.keepEngineWarm = True  # the second Segment on a model skips TensorFlow's start-up and the load
 
     def getParameterNode(self):
         return UNet3DSegmentParameterNode(super().getParameterNode())
@@ -327,6 +408,18 @@ class UNet3DSegmentLogic(ScriptedLoadableModuleLogic, SegmentationLogicBase):
     def installDependencies(self, requirements: list, skipInTesting: bool = True) -> None:
         """pip-install ``requirements`` into Slicer's Python, pinning Slicer's own numpy/SimpleITK/VTK."""
         install.install_requirements(requirements, slicer.util.pip_install, _pipEnsure(), skipInTesting)
+
+
+@contextlib.contextmanager
+def _waitCursor(enabled: bool = True):
+    """The wait cursor over a block that shows no dialog (``enabled=False``: the cursor is left alone)."""
+    if enabled:
+        slicer.app.setOverrideCursor(qt.Qt.WaitCursor)
+    try:
+        yield
+    finally:
+        if enabled:
+            slicer.app.restoreOverrideCursor()
 
 
 def _pipEnsure():

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 EXIT_OK = 0
 EXIT_INTERNAL = 1  # a bug: unexpected exception
-EXIT_USAGE = 2  # argparse's own code for bad command-line syntax
+EXIT_USAGE = 2  # argparse's own code; no longer returned: a usage error is bad input (3), see cli/main.py
 EXIT_BAD_INPUT = 3
 EXIT_BAD_MODEL = 4
 EXIT_CANCELLED = 5
@@ -64,7 +64,8 @@ EXIT_CODES: dict[str, int] = {
 
 def is_out_of_memory(error: BaseException) -> bool:
     """True for an allocation failure of any framework: TensorFlow's ResourceExhaustedError, PyTorch's
-    OutOfMemoryError (CUDA) and CPU allocator error, JAX/XLA's RESOURCE_EXHAUSTED, Python's MemoryError.
+    OutOfMemoryError (CUDA) and CPU allocator error, JAX/XLA's RESOURCE_EXHAUSTED, Python's MemoryError,
+    ITK's "Failed to allocate memory for image" (a RuntimeError from SimpleITK).
 
     Judged by type name and message, so that no framework has to be imported to ask.
     """
@@ -75,4 +76,5 @@ def is_out_of_memory(error: BaseException) -> bool:
         or "RESOURCE_EXHAUSTED" in text
         or "out of memory" in text.lower()
         or "DefaultCPUAllocator: can't allocate memory" in text
+        or "Failed to allocate memory" in text  # ITK (SimpleITK) image buffers
     )

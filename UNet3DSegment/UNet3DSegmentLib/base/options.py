@@ -328,6 +328,11 @@ class SegmentOptions(OptionGroup):
         None, "most GPU memory this run may take, such as 6G (tensorflow and torch backends; default: what it "
         "needs). Beyond it the run retries with smaller batches, then on the CPU", kind=int, unit=BYTES,
         minimum=2 ** 20, metavar="SIZE", label="GPU memory limit", group="runtime")
+    trust_model: bool = option(
+        False, "load a TensorFlow SavedModel even if it holds operations beyond pure tensor maths (file "
+        "reads and writes, printing, datasets...). A SavedModel is a program: this lets it act on this "
+        "machine with your rights. Only for models from a source you trust; never offered by the web page",
+        label="Trust this model (SavedModel may run file operations)")
 
 
 @declares
@@ -385,3 +390,6 @@ class WebOptions(OptionGroup):
                                   minimum=1.0)
     demo_downsample: int = option(1, "load the demo MRI block-averaged by this factor (tests, slow machines)",
                                   minimum=1)
+    models_dir: Optional[str] = option(None, "folder whose .keras/.h5 files and SavedModel folders the page may "
+                                       "choose from (besides the bundled model and --model)", kind=str,
+                                       metavar="FOLDER")

@@ -2,19 +2,67 @@
 
 Every flag, type check, list of choices, default and help text of the command line comes from the
 declaration of its option: :func:`add_options` adds them to a parser, :func:`options_from_args` builds
-the typed options object from the parsed arguments. A value that fails the option's check is an
-argparse error (exit 2) with the option's own one-line message.
+the typed options object from the parsed arguments. A value that fails the option's check is a
+usage error with the option's own one-line message: :class:`OneLineParser` raises
+:class:`UsageError` instead of printing argparse's usage block, and the command line reports it as one
+``unet3d-segment: error: ...`` line with exit code 3 (bad input), like every other bad input.
 """
 
 from __future__ import annotations
 
 import argparse
-from typing import Any, Iterable, Optional, TypeVar
+import contextlib
+import contextvars
+from typing import Any, Iterable, Iterator, Optional, TypeVar
 
-from ..base.errors import UNet3DSegmentError
+from ..base.errors import BadInputError, UNet3DSegmentError
 from ..base.options import Option, OptionGroup
 
 T = TypeVar("T", bound=OptionGroup)
+
+
+class UsageError(BadInputError):
+    """Bad command-line syntax or option value (exit code 3); the message is one line with the fix."""
+
+
+_ONE_LINE_ERRORS: contextvars.ContextVar[bool] = contextvars.ContextVar("one_line_usage_errors", default=False)
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """An ``ArgumentParser`` whose errors are :class:`UsageError` (no usage block, no exit 2) while
+    :func:`one_line_usage_errors` is in effect, as in ``main``; elsewhere (a parser used on its own)
+    argparse's own behaviour.
+
+    Sub-command parsers inherit the class (``add_subparsers`` makes them of the parent's type), so
+    every syntax error of every command becomes one line naming the problem and where help is.
+    ``--help`` and ``--version`` still print and exit 0.
+    """
+
+    def error(self, message: str):  # type: ignore[override]
+        if not _ONE_LINE_ERRORS.get():
+            super().error(message)
+        raise UsageError(f"{' '.join(str(message).split())}; see '{self.prog} --help'")
+
+
+@contextlib.contextmanager
+def one_line_usage_errors() -> Iterator[None]:
+    """Within: :class:`OneLineParser` errors raise :class:`UsageError` (the command line reports it)."""
+    token = _ONE_LINE_ERRORS.set(True)
+    try:
+        yield
+    finally:
+        _ONE_LINE_ERRORS.reset(token)
+
+
+def progress_asked(argv: Iterable[str]) -> Optional[str]:
+    """The ``--progress`` value in raw arguments (for reporting an error before they are parsed)."""
+    items = list(argv)
+    for index, item in enumerate(items):
+        if item.startswith("--progress="):
+            return item.split("=", 1)[1]
+        if item == "--progress" and index + 1 < len(items):
+            return items[index + 1]
+    return None
 
 
 def add_options(

@@ -18,6 +18,7 @@ import signal
 import sys
 import threading
 import traceback
+import warnings
 from typing import Optional, Sequence
 
 from .. import __version__
@@ -29,15 +30,16 @@ from ..base.errors import (
     UNet3DSegmentError,
     is_out_of_memory,
 )
+from .arguments import OneLineParser, UsageError, one_line_usage_errors, progress_asked
 from .terminal import make_reporter
 
 PROG = "unet3d-segment"
-COMMAND_MODULES = ["segment", "train", "demo", "web", "estimate"]
+COMMAND_MODULES = ["segment", "serve", "train", "demo", "web", "estimate"]
 
 
 def build_parser() -> argparse.ArgumentParser:
     """The full parser with every sub-command registered."""
-    parser = argparse.ArgumentParser(
+    parser = OneLineParser(
         prog=PROG,
         description="Segment medical volumes with a Keras 3D U-Net (sliding-window inference).",
     )
@@ -78,12 +80,21 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     """Run the command line; returns the process exit code (see errors.py)."""
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")  # keep TensorFlow's C++ chatter off stderr
     parser = build_parser()
-    args = parser.parse_args(argv)
+    try:
+        with one_line_usage_errors():
+            args = parser.parse_args(argv)
+    except UsageError as error:  # one line and exit 3, plus the JSON error event when JSON was asked
+        raw = list(sys.argv[1:] if argv is None else argv)
+        mode = progress_asked(raw)
+        failed = argparse.Namespace(progress=mode, reporter=make_reporter("json") if mode == "json" else None)
+        return _report_error(failed, error.kind, str(error), error.exit_code)
     args.cancel = threading.Event()
     args.reporter = make_reporter(getattr(args, "progress", "none"))
     _install_sigterm(args.cancel)
     try:
-        return int(args.run(args) or 0)
+        with warnings.catch_warnings():  # numpy's RuntimeWarnings (overflow, invalid value) are no
+            warnings.simplefilter("ignore", RuntimeWarning)  # lines for stderr: the engine says what is wrong
+            return int(args.run(args) or 0)
     except UNet3DSegmentError as error:
         if args.debug:
             traceback.print_exc()
@@ -94,10 +105,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         if args.debug:
             traceback.print_exc()
         if is_out_of_memory(error):
+            from ..runtime.fallback import out_of_memory_advice
+            from ..runtime.state import device_in_effect
+
             return _report_error(
                 args,
                 OutOfMemoryError.kind,
-                f"out of memory ({type(error).__name__}); lower --batch-size, or use --device cpu",
+                out_of_memory_advice(device_in_effect(), f"({type(error).__name__})"),
                 OutOfMemoryError.exit_code,
             )
         return _report_error(

@@ -25,7 +25,7 @@ PathLike = Union[str, Path]
 BACKEND_MODULES = {"tensorflow": ("tensorflow",), "torch": ("keras", "torch"), "jax": ("keras", "jax")}
 ENGINE_MODULES = BACKEND_MODULES["tensorflow"] + ("SimpleITK", "numpy")
 # pip name of each module the engine needs (what to install when it is missing).
-PIP_NAMES = {"tensorflow": "tensorflow", "SimpleITK": "SimpleITK", "numpy": "numpy", "keras": "keras>=3",
+PIP_NAMES = {"tensorflow": "tensorflow", "SimpleITK": "SimpleITK", "numpy": "numpy", "keras": "keras>=3.11",
              "torch": "torch", "jax": "jax"}
 # Packages Slicer ships itself: installing must never replace them.
 SLICER_OWN_PACKAGES = ("numpy", "SimpleITK", "vtk")
@@ -84,7 +84,7 @@ def requirements_for(missing: Sequence[str], requirements_file: Optional[PathLik
     result = []
     for module in missing:
         pip_name = PIP_NAMES.get(module, module)
-        result.append(pinned.get(pip_name.lower(), pip_name))
+        result.append(pinned.get(_requirement_name(pip_name).lower(), pip_name))
     return result
 
 

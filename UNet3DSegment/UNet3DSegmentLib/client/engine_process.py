@@ -8,6 +8,14 @@ JSON-lines progress (docs/ARCHITECTURE.md) on a thread into a queue that the cal
 whole process tree on ``cancel()``, and turns the exit status into one of the engine's error kinds
 with the child's own one-line message.
 
+In Slicer the command starts with ``PythonSlicer``, a CTK AppLauncher that runs ``python-real`` as
+its own child in the same process group, with inherited stdout/stderr. Two consequences shape this
+module: (1) when python-real is killed (typically by the kernel's out-of-memory killer) the launcher
+only prints ``error: [.../python-real] exit abnormally - Report the problem.`` and exits 1, so that
+line is read as "killed"; (2) the launcher dies at SIGTERM at once, so after a cancel request the
+SIGKILL waits for the whole process group (not only our direct child) to be gone, or for the grace
+period to end, and python-real gets its time to clean up and exit 5.
+
 No ``slicer`` and no ``qt`` here: the same class serves the Slicer module, tests and scripts.
 """
 
@@ -17,6 +25,7 @@ import collections
 import json
 import os
 import queue
+import re
 import signal
 import subprocess
 import sys
@@ -46,6 +55,10 @@ ENGINE_MODULE = "UNet3DSegmentLib"
 MODULE_DIR = Path(__file__).resolve().parents[2]  # the folder that holds UNet3DSegmentLib/
 STDERR_LINES_KEPT = 200
 DEFAULT_GRACE_SECONDS = 5.0
+KILLED_PREFIX = "the engine was killed (most likely out of memory): "
+KILLED_REMEDY = "try a smaller batch size, the CPU device, or a smaller overlap or volume"
+# What a CTK launcher (PythonSlicer) prints on stderr, then exits 1, when its child died of a signal.
+_LAUNCHER_CRASH_LINE = re.compile(r"^error: \[(?P<path>.*)\] exit abnormally\b")
 
 _ERRORS_BY_EXIT_CODE: dict[int, type[UNet3DSegmentError]] = {
     EXIT_BAD_INPUT: BadInputError,
@@ -100,23 +113,33 @@ def error_for_exit(
     """The engine error kind for a finished child, with one clear line; ``None`` on success.
 
     The child's last ``error`` event gives the message; without one, the last stderr line does.
-    A child ended by a signal is "cancelled" when we asked for it, an internal error otherwise.
+    A child ended by a signal (negative ``returncode``), or a launcher that exited 1 after reporting
+    that its own child "exit abnormally", is "cancelled" when we asked for it, and otherwise "killed
+    (most likely out of memory)" with the signal or the launcher's report, the last thing the engine
+    said, and the remedy, on one line.
     """
     if returncode == EXIT_OK and not cancelled:
         return None
     if cancelled or returncode == EXIT_CANCELLED:
         return CancelledError("segmentation cancelled; nothing was added to the scene")
+    launcher_crash = None
+    if returncode == 1:
+        launcher_crash = next((m for m in map(_LAUNCHER_CRASH_LINE.match, reversed(stderr_tail)) if m), None)
     message = ""
     if last_error is not None:
         message = _one_line(last_error.get("message", ""))
     if not message:
-        message = next((_one_line(line) for line in reversed(stderr_tail) if line.strip()), "")
-    if returncode is not None and returncode < 0:
-        name = _signal_name(-returncode)
-        return UNet3DSegmentError(
-            f"engine was killed by {name} (often: out of memory){': ' + message if message else ''}; "
-            "try a smaller batch size or the CPU device"
-        )
+        message = next((_one_line(line) for line in reversed(stderr_tail)
+                        if line.strip() and not _LAUNCHER_CRASH_LINE.match(line)), "")
+    if (returncode is not None and returncode < 0) or launcher_crash is not None:
+        if launcher_crash is not None:
+            name = Path(launcher_crash["path"].strip()).name or "the Python interpreter"
+            detail = f"{name} exited abnormally (reported by the Python launcher)"
+        else:
+            detail = f"the engine process was ended by {_signal_name(-int(returncode or 0))}"
+        if message:
+            detail += f"; its last message: {message.rstrip('.')}"
+        return UNet3DSegmentError(f"{KILLED_PREFIX}{detail}; {KILLED_REMEDY}")
     kind = _ERRORS_BY_EXIT_CODE.get(int(returncode or 0), UNet3DSegmentError)
     if not message:
         message = f"engine failed with exit code {returncode} and no message; run it in a terminal to see why"
@@ -153,7 +176,7 @@ class EngineProcess:
         self._lock = threading.Lock()
         self._cancelled = False
         self._kill_deadline: Optional[float] = None
-        self._group_killed = False
+        self._group_killed = False  # after a cancel request: SIGKILL sent, or the whole group was gone
         self.last_event: Optional[Event] = None
         self.last_error: Optional[Event] = None
         self.done_event: Optional[Event] = None
@@ -234,8 +257,18 @@ class EngineProcess:
 
     @property
     def finished(self) -> bool:
-        """True once the child has exited and all its output has been read."""
-        return self._popen.poll() is not None and not any(r.is_alive() for r in self._readers)
+        """True once the child has exited and all its output has been read; never blocks.
+
+        The output ends when every process holding our pipes has exited, python-real behind a
+        launcher included. After a cancel request, also not before the process group is gone or
+        has been sent SIGKILL (asking sends it when its time has come).
+        """
+        self._escalate()
+        return (
+            self._popen.poll() is not None
+            and not any(r.is_alive() for r in self._readers)
+            and not self._escalation_pending()
+        )
 
     @property
     def cancelled(self) -> bool:
@@ -266,24 +299,31 @@ class EngineProcess:
     def wait(self, timeout: Optional[float] = None) -> Optional[int]:
         """Block until the child has ended and its output is read; the exit code, or None on timeout.
 
-        After a cancel request, the group's SIGKILL is sent from here when its time comes.
+        After a cancel request this also waits until the child's whole process group is gone (a
+        launcher may die at once while python-real still cleans up), and sends the group's SIGKILL
+        when the grace period is over.
         """
         deadline = None if timeout is None else time.monotonic() + timeout
         while True:
-            step = None
-            if self._kill_deadline is not None and not self._group_killed:
-                step = max(0.0, self._kill_deadline - time.monotonic())
-            if deadline is not None:
-                remaining = max(0.0, deadline - time.monotonic())
-                step = remaining if step is None else min(step, remaining)
-            try:
-                self._popen.wait(step)
+            self._escalate()
+            pending = self._escalation_pending()
+            if self._popen.poll() is not None and not pending:
                 break
-            except subprocess.TimeoutExpired:
-                self._escalate()
-                if deadline is not None and time.monotonic() >= deadline:
-                    return None
-        self._escalate()
+            remaining = None if deadline is None else deadline - time.monotonic()
+            if remaining is not None and remaining <= 0:
+                return None
+            step = remaining
+            if pending:  # look again soon: the group may end, or its grace period run out
+                step = _GROUP_POLL_SECONDS if remaining is None else min(remaining, _GROUP_POLL_SECONDS)
+                if self._kill_deadline is not None:
+                    step = max(0.0, min(step, self._kill_deadline - time.monotonic()))
+            if self._popen.poll() is None:
+                try:
+                    self._popen.wait(step)
+                except subprocess.TimeoutExpired:
+                    pass
+            elif step:
+                time.sleep(step)
         for reader in self._readers:
             reader.join(None if deadline is None else max(0.0, deadline - time.monotonic()))
         return self._popen.returncode
@@ -303,32 +343,50 @@ class EngineProcess:
     def request_cancel(self, grace_seconds: float = DEFAULT_GRACE_SECONDS) -> None:
         """Start ending the child and everything it started, without waiting (GUI thread safe).
 
-        POSIX: SIGTERM to the process group now (the engine cleans up and exits 5); ``poll()`` and
-        ``wait()`` send SIGKILL to whatever is left of the group once the child has exited or
-        ``grace_seconds`` have passed. Windows: ``taskkill /T /F`` on the tree at once.
+        POSIX: SIGTERM to the process group now (the engine cleans up and exits 5); ``poll()``,
+        ``finished`` and ``wait()`` send SIGKILL to the group once ``grace_seconds`` have passed,
+        unless every process of the group has exited by then. Our direct child alone does not
+        count: behind PythonSlicer the launcher dies at SIGTERM at once while python-real, in the
+        same group, is still cleaning up. Windows: ``taskkill /T /F`` on the tree at once.
         """
-        if self._popen.poll() is None:
+        running = self._popen.poll() is None
+        if not running and os.name != "nt" and any(r.is_alive() for r in self._readers):
+            running = _group_alive(self._popen.pid)  # e.g. python-real still at work behind its launcher
+        if running:
             self._cancelled = True  # a run that already ended keeps its own result
         if self._kill_deadline is not None:
             return
         self._kill_deadline = time.monotonic() + grace_seconds
         if os.name == "nt":
             self._cancel_windows()
-        elif self._popen.poll() is None:
+        elif running:
             _kill_group(self._popen.pid, signal.SIGTERM)
+        else:
+            self._group_killed = True  # the run had ended: nothing to end (its group id may be reused)
 
     def cancel(self, grace_seconds: float = DEFAULT_GRACE_SECONDS) -> None:
         """End the child's whole process tree and return once it is gone (``request_cancel`` + wait)."""
         self.request_cancel(grace_seconds)
         self.wait(timeout=grace_seconds + 5.0)
 
+    def _escalation_pending(self) -> bool:
+        """After a cancel request (POSIX): the group is neither known to be gone nor sent SIGKILL yet."""
+        return self._kill_deadline is not None and not self._group_killed and os.name != "nt"
+
     def _escalate(self) -> None:
-        """After a cancel request: SIGKILL the group once the child is gone or the grace time is over."""
-        if self._kill_deadline is None or self._group_killed or os.name == "nt":
+        """After a cancel request: done once the whole group is gone; SIGKILL it when the grace time is over.
+
+        Never blocks. The group is the child's (start_new_session: the child leads it); it stays
+        ours while the child is not reaped, or while any member lives, so its id is not reused.
+        """
+        if not self._escalation_pending():
             return
-        if self._popen.poll() is not None or time.monotonic() >= self._kill_deadline:
-            # Grandchildren may outlive the child (or ignore SIGTERM): the group goes in any case.
-            _kill_group(self._popen.pid, signal.SIGKILL)  # start_new_session: the child leads its group
+        self._popen.poll()  # reap the direct child first: a zombie still counts as a group member
+        if not _group_alive(self._popen.pid):
+            self._group_killed = True  # everyone exited within the grace period: nothing to kill
+        elif time.monotonic() >= self._kill_deadline:  # type: ignore[operator]
+            # Members that ignore SIGTERM, or are slow to leave, go now.
+            _kill_group(self._popen.pid, signal.SIGKILL)
             self._group_killed = True
 
     def _cancel_windows(self) -> None:
@@ -347,6 +405,41 @@ def _kill_group(group: int, sig: int) -> None:
         os.killpg(group, sig)
     except (ProcessLookupError, PermissionError):
         pass  # the group is already gone
+
+
+_GROUP_POLL_SECONDS = 0.05
+_PROC = Path("/proc")
+
+
+def _group_alive(group: int) -> bool:
+    """Whether any process of ``group`` still runs (POSIX; zombies do not count where /proc shows them).
+
+    ``killpg(group, 0)`` also succeeds while the only members left are zombies, e.g. a python-real
+    orphaned by its launcher that nobody has reaped yet (a container's PID 1 may never do it), so on
+    Linux the members' states are read from /proc. Unknown answers count as alive: the grace
+    period still bounds the wait.
+    """
+    try:
+        os.killpg(group, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # PermissionError included: someone is there
+        return True
+    try:
+        if int((_PROC / "self" / "stat").read_bytes().split(None, 1)[0]) != os.getpid():
+            return True  # not our PID namespace's /proc: cannot tell zombies from the living
+        entries = sorted((int(e) for e in os.listdir(_PROC) if e.isdigit()), reverse=True)  # newest first
+    except (OSError, ValueError, IndexError):
+        return True  # no /proc (macOS): a zombie counts as alive until it is reaped
+    for entry in entries:
+        try:
+            stat = (_PROC / str(entry) / "stat").read_bytes()
+            fields = stat[stat.rindex(b")") + 2:].split()  # after "pid (comm) ": state ppid pgrp ...
+            if int(fields[2]) == group and fields[0] not in (b"Z", b"X"):
+                return True
+        except (OSError, ValueError, IndexError):
+            continue  # the process ended while we looked
+    return False
 
 
 def _parse_event(line: str) -> Optional[Event]:

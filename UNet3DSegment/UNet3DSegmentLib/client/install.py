@@ -17,10 +17,18 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Mapping, Optional, Sequence, Union
 
+from ..base.errors import BadInputError
 from . import dependencies
 
 PathLike = Union[str, Path]
 REQUESTER = "UNet3DSegment"
+TORCH_EXTENSION_MISSING = (
+    "PyTorch is missing for the torch backend; install the PyTorch extension (SlicerPyTorch) from the Extensions "
+    "Manager, restart Slicer and press Segment again: it installs the PyTorch build that fits your GPU"
+)
+TORCH_INSTALL_FAILED = (
+    "the PyTorch extension did not install PyTorch; install it from the PyTorch Utils module, then press Segment again"
+)
 
 
 @dataclass(frozen=True)
@@ -52,10 +60,37 @@ def plan_dependencies(
     if testing:
         return DependencyPlan("refuse", missing, requirements,
                               f"Slicer's Python lacks {', '.join(missing)}; not installing during tests")
+    torch, _ = split_torch(requirements)
+    via = " PyTorch comes through the PyTorch extension (SlicerPyTorch), which picks the build for your GPU." \
+        if torch else ""
     question = (f"The segmentation engine needs {', '.join(requirements)} in Slicer's Python (TensorFlow or "
-                "PyTorch is a download of several hundred MB). Slicer's own numpy, SimpleITK and VTK are kept. "
-                "Install now?")
+                "PyTorch is a download of several hundred MB). Slicer's own numpy, SimpleITK and VTK are kept."
+                f"{via} Install now?")
     return DependencyPlan("ask", missing, requirements, question)
+
+
+def split_torch(requirements: Sequence[str]) -> tuple[bool, list[str]]:
+    """Whether PyTorch is among ``requirements``, and the others (PyTorch goes through SlicerPyTorch in Slicer)."""
+    others = [r for r in requirements if dependencies._requirement_name(r).lower() != "torch"]
+    return len(others) != len(requirements), others
+
+
+def pytorch_extension_installer() -> Callable[[], None]:
+    """A callable that installs PyTorch through the SlicerPyTorch extension (it picks the build for the GPU).
+
+    Raises ``BadInputError`` naming the extension when its ``PyTorchUtils`` module is not installed; the
+    callable raises when the extension installed nothing.
+    """
+    try:
+        import PyTorchUtils  # the PyTorch extension's module, present only where it is installed
+    except ImportError:
+        raise BadInputError(TORCH_EXTENSION_MISSING) from None
+
+    def install_torch() -> None:
+        if PyTorchUtils.PyTorchUtilsLogic().installTorch(askConfirmation=False) is None:
+            raise BadInputError(TORCH_INSTALL_FAILED)
+
+    return install_torch
 
 
 def install_requirements(

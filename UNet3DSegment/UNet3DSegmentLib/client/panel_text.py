@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import html
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Any, Optional, Sequence
 
 from ..base.units import format_duration
 
@@ -94,6 +94,25 @@ class ProgressTracker:
         remaining = "estimating time left" if left is None else f"about {format_duration(left)} left"
         self._last = ProgressView(percent, patches, f"Segmenting: {patches}, {remaining}")
         return self._last
+
+
+def log_line(previous: ProgressView, view: ProgressView, event: dict[str, Any]) -> Optional[str]:
+    """The line the panel's log gets for ``event``, if any: each new stage and each tenth of the patches.
+
+    Every event changes the status line; the log keeps what a reader needs afterwards without one
+    line per patch.
+    """
+    if view.status == previous.status:
+        return None
+    if event.get("stage") != "inference":
+        return view.status
+    first = int(event.get("done", 0)) <= 1 and previous.bar_text != view.bar_text
+    return view.status if first or view.percent // 10 != previous.percent // 10 else None
+
+
+def segment_rows(volumes: Sequence[Any]) -> list[tuple[str, str, str]]:
+    """The result table's rows from ``mrml.statistics.segmentVolumes``: name, ``#rrggbb``, mL with 2 decimals."""
+    return [(row.name, row.colorHex, f"{row.millilitres:.2f}") for row in volumes]
 
 
 def error_html(error: object) -> str:

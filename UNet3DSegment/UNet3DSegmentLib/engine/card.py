@@ -27,12 +27,21 @@ from ..base.errors import BadModelError
 
 FORMAT_VERSION = 1
 PATCH_MULTIPLE = 8  # three 2x2x2 poolings in the seed network
+# Upper bounds that keep a hostile or broken card from hanging the engine: the largest published
+# segmentation models have a few hundred classes, and each class becomes one output channel of every
+# voxel (and one Slicer segment). A card file is a small JSON text.
+MAX_CLASSES = 1000
+MAX_CHANNELS = 64
+MAX_CARD_BYTES = 16 * 1024 * 1024
 NATIVE = "native"
 SEED_ARCHITECTURE = "unet3d-seed"
 
 # Slicer's default terminology context and anatomic context names (vtkSegment's default terminology).
 SLICER_TERMINOLOGY_CONTEXT = "Segmentation category and type - 3D Slicer General Anatomy list"
 SLICER_ANATOMIC_CONTEXT = "Anatomic codes - DICOM master list"
+# The other terminology context Slicer loads at start: entries missing from the General Anatomy list
+# (cerebrospinal fluid among them) are found there. A class names it with "context".
+SLICER_DICOM_MASTER_CONTEXT = "Segmentation category and type - DICOM master list"
 
 # Normalisation methods and their parameters with defaults (None: the parameter is required).
 NORMALIZATION_PARAMETERS: Dict[str, Dict[str, Optional[float]]] = {
@@ -63,10 +72,11 @@ class Terminology:
     category: CodeTriplet
     type: CodeTriplet
     type_modifier: Optional[CodeTriplet] = None
+    context: Optional[str] = None  # Slicer terminology context holding the entry (default: General Anatomy)
 
     def to_slicer_string(
         self,
-        context_name: str = SLICER_TERMINOLOGY_CONTEXT,
+        context_name: Optional[str] = None,
         anatomic_context_name: str = SLICER_ANATOMIC_CONTEXT,
     ) -> str:
         """Slicer's serialised terminology entry, as in a ``.seg.nrrd`` ``TerminologyEntry`` tag.
@@ -77,7 +87,7 @@ class Terminology:
         """
         modifier = "^".join(self.type_modifier) if self.type_modifier else "^^"
         parts = [
-            context_name,
+            context_name or self.context or SLICER_TERMINOLOGY_CONTEXT,
             "^".join(self.category),
             "^".join(self.type),
             modifier,
@@ -92,6 +102,8 @@ class Terminology:
         result: Dict[str, Any] = {"category": list(self.category), "type": list(self.type)}
         if self.type_modifier is not None:
             result["type_modifier"] = list(self.type_modifier)
+        if self.context is not None:
+            result["context"] = self.context
         return result
 
 
@@ -339,6 +351,9 @@ def _parse_input(f: _Fields, value: Any) -> InputSpec:
     channels = value["channels"]
     if not isinstance(channels, (list, tuple)) or not channels:
         raise f.fail("input.channels", f"must be a non-empty list of channel names, got {_show(channels)}")
+    if len(channels) > MAX_CHANNELS:
+        raise f.fail("input.channels", f"has {len(channels)} channels, more than the {MAX_CHANNELS} this engine "
+                                       "supports; fix the model card")
     names = tuple(f.text(name, f"input.channels[{i}]") for i, name in enumerate(channels))
     if len(set(names)) != len(names):
         raise f.fail("input.channels", f"must not repeat a name, got {_show(channels)}")
@@ -431,6 +446,9 @@ def _parse_normalization(f: _Fields, value: Any) -> Normalization:
 def _parse_classes(f: _Fields, value: Any) -> Tuple[ClassInfo, ...]:
     if not isinstance(value, (list, tuple)) or len(value) < 2:
         raise f.fail("classes", f"must list at least 2 classes (background first), got {_show(value)}")
+    if len(value) > MAX_CLASSES:  # checked first: every class costs an output channel per voxel
+        raise f.fail("classes", f"has {len(value)} classes, more than the {MAX_CLASSES} this engine supports; "
+                                "fix the model card (one class per output channel of the model)")
     classes = []
     for index, item in enumerate(value):
         where = f"classes[{index}]"
@@ -443,20 +461,28 @@ def _parse_classes(f: _Fields, value: Any) -> Tuple[ClassInfo, ...]:
             terminology = _parse_terminology(f, terminology, f"{where}.terminology")
         name = f.text(item["name"], f"{where}.name")
         classes.append(ClassInfo(name=name, color=color.lower(), terminology=terminology))
-    names = [c.name for c in classes]
-    for index, name in enumerate(names):
-        if name in names[:index]:
-            raise f.fail(f"classes[{index}].name", f"repeats {name!r}; give every class its own name")
+    seen: set = set()
+    for index, info in enumerate(classes):  # a set: linear in the number of classes
+        if info.name in seen:
+            raise f.fail(f"classes[{index}].name", f"repeats {info.name!r}; give every class its own name")
+        seen.add(info.name)
     return tuple(classes)
 
 
 def _parse_terminology(f: _Fields, value: Any, where: str) -> Terminology:
-    value = f.object(value, where, required=("category", "type"), optional=("type_modifier",))
+    value = f.object(value, where, required=("category", "type"), optional=("type_modifier", "context"))
     modifier = value.get("type_modifier")
+    context = value.get("context")
+    if context is not None:
+        bad = not isinstance(context, str) or not context.strip() or any(c in context for c in "~^|\n\r")
+        if bad:
+            raise f.fail(f"{where}.context", f"must be the name of a Slicer terminology context without ~ ^ | or "
+                         f'line breaks, e.g. "{SLICER_DICOM_MASTER_CONTEXT}", got {_show(context)}')
     return Terminology(
         category=_parse_code(f, value["category"], f"{where}.category"),
         type=_parse_code(f, value["type"], f"{where}.type"),
         type_modifier=None if modifier is None else _parse_code(f, modifier, f"{where}.type_modifier"),
+        context=context,
     )
 
 
@@ -488,6 +514,12 @@ def load_card(path: Union[str, Path]) -> ModelCard:
     """Read and validate a card file; ``BadModelError`` if missing, not JSON, or invalid."""
     path = Path(path)
     try:
+        size = path.stat().st_size
+        if size > MAX_CARD_BYTES:
+            raise BadModelError(
+                f"model card {path} is {size // (1024 * 1024)} MiB, more than the {MAX_CARD_BYTES // (1024 * 1024)} "
+                "MiB a card may have; a card is a small JSON text, check that this is the right file"
+            )
         text = path.read_text(encoding="utf-8")
     except FileNotFoundError as error:
         raise BadModelError(f"model card {path} not found; check the path") from error

@@ -1,9 +1,12 @@
 """Read input volumes and write results, with SimpleITK only.
 
 Inputs: NRRD, NIfTI, MetaImage files or a folder holding one DICOM series; several files are
-several channels and must share one voxel grid. Outputs are written to a hidden temporary file in
-the destination folder and renamed into place, so a cancelled or failed run never leaves a
-half-written file and never replaces an existing file unless asked to.
+several channels and must share one voxel grid. Headers are checked before the voxels are read
+(truncated NIfTI, sizes beyond this machine's memory). Outputs are written to hidden temporary files
+(``.<name>.tmp-<pid>-<random><ext>``) in the destination folder and renamed into place, all outputs
+of a run together (:func:`write_outputs`), so a cancelled or failed run never leaves a half-written
+file, never leaves one output without the other and never replaces an existing file unless asked to;
+temporaries of runs that died are removed by later writes to the same folder.
 
 Segmentations can be written as Slicer's ``.seg.nrrd``: one labelmap layer plus the NRRD key/value
 fields that Slicer's ``vtkMRMLSegmentationStorageNode`` reads (``Segment{i}_ID``, ``_Name``,
@@ -13,15 +16,30 @@ segmentation with named, coloured segments and terminology.
 
 from __future__ import annotations
 
+import contextlib
+import gzip
+import math
 import os
+import re
 import secrets
+import struct
+import threading
+import time
+import zlib
 from pathlib import Path
-from typing import Callable, Optional, Sequence, Tuple, Union
+from typing import Callable, Iterator, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import SimpleITK as sitk
 
-from ..base.errors import BadInputError, BadModelError, UNet3DSegmentError
+from ..base.errors import (
+    BadInputError,
+    BadModelError,
+    CancelledError,
+    OutOfMemoryError,
+    UNet3DSegmentError,
+    is_out_of_memory,
+)
 
 PathLike = Union[str, os.PathLike]
 # (name, (r, g, b) in [0, 1], Slicer terminology entry string or None); index i is label value i.
@@ -45,13 +63,31 @@ def path_suffix(path: PathLike, known: Sequence[str]) -> str:
 
 
 # ----------------------------------------------------------------------------------------- reading
+@contextlib.contextmanager
+def _itk_warnings_off() -> Iterator[None]:
+    """ITK's multi-line warning blocks (e.g. GDCM's "No Series were found") off while reading: the
+    engine says what is wrong in one line itself. The previous setting is restored afterwards."""
+    before = sitk.ProcessObject.GetGlobalWarningDisplay()
+    sitk.ProcessObject.SetGlobalWarningDisplay(False)
+    try:
+        yield
+    finally:
+        sitk.ProcessObject.SetGlobalWarningDisplay(before)
+
+
 def read_image(path: PathLike) -> sitk.Image:
-    """Read one scalar 3-D volume from an image file or a folder holding one DICOM series."""
+    """Read one scalar 3-D volume from an image file or a folder holding one DICOM series.
+
+    The header is read first: 4-D/vector files, files whose voxel data is shorter than the header
+    claims (truncated NIfTI, which ITK would pad with zeros) and volumes larger than this machine's
+    memory are refused before any voxel is read.
+    """
     path = Path(path)
     if not path.exists():
         raise BadInputError(f"input {path} does not exist; check the path")
     if path.is_dir():
-        image = _read_dicom_folder(path)
+        with _itk_warnings_off():
+            image = _read_dicom_folder(path)
     else:
         suffix = path_suffix(path, INPUT_SUFFIXES)
         if suffix not in INPUT_SUFFIXES:
@@ -59,11 +95,18 @@ def read_image(path: PathLike) -> sitk.Image:
         reader = sitk.ImageFileReader()
         reader.SetFileName(str(path))
         try:
-            reader.ReadImageInformation()  # header only: reject 4-D/vector files before the pixels
-            _check_scalar_3d(path, reader.GetDimension(), reader.GetSize(),
-                             reader.GetNumberOfComponents())
-            image = reader.Execute()
+            with _itk_warnings_off():
+                reader.ReadImageInformation()  # header only: reject 4-D/vector files before the pixels
+                _check_scalar_3d(path, reader.GetDimension(), reader.GetSize(),
+                                 reader.GetNumberOfComponents())
+                _check_claimed_size(path, suffix, reader)
+                image = reader.Execute()
         except RuntimeError as error:
+            if is_out_of_memory(error):
+                raise OutOfMemoryError(
+                    f"out of memory reading {path} ({'x'.join(map(str, reader.GetSize()))} voxels); close other "
+                    f"programs, or crop or downsample the volume"
+                ) from error
             raise BadInputError(
                 f"cannot read {path}: {_first_line(error)}; check that it is a valid, complete "
                 f"image file ({_INPUT_HINT})"
@@ -118,6 +161,86 @@ def _check_scalar_3d(path: Path, dimension: int, size: Sequence[int], components
         raise BadInputError(
             f"input {path} is {dimension}-D (size {tuple(size)}); the model needs a 3-D volume"
         )
+
+
+def _check_claimed_size(path: Path, suffix: str, reader: sitk.ImageFileReader) -> None:
+    """Compare the voxel data a header claims with what the file holds and what this machine has.
+
+    NIfTI (``.nii``, ``.nii.gz``): ITK reads a short file without an error and fills the missing
+    voxels with zeros, so the data is measured here: the file size of a ``.nii``, the length of the
+    decompressed stream of a ``.nii.gz`` (streamed: nothing of the claimed size is allocated; a
+    gzip stream cut short is caught too). Other formats: ITK itself refuses short data.
+    """
+    from ..base.units import format_size
+    from ..runtime.cpu import total_memory
+
+    size = tuple(int(n) for n in reader.GetSize())
+    component_bytes = sitk.Image([1] * len(size), reader.GetPixelID()).GetSizeOfPixelComponent()
+    claimed = math.prod(size) * reader.GetNumberOfComponents() * component_bytes
+    shape = "x".join(map(str, size[:3])) + ("" if len(size) == 3 else "x" + "x".join(map(str, size[3:])))
+    if suffix in (".nii", ".nii.gz"):
+        holds, offset = _nifti_data_bytes(path)
+        if holds < claimed:
+            raise BadInputError(
+                f"input {path} is truncated: its header claims {shape} voxels ({format_size(claimed)}) but "
+                f"the file holds {format_size(max(0, holds))} of voxel data after the {offset}-byte header; "
+                f"copy or export it again"
+            )
+    memory = total_memory()
+    if memory and claimed > memory:
+        raise OutOfMemoryError(
+            f"input {path} needs {format_size(claimed)} for its {shape} voxels, more than this machine's "
+            f"memory ({format_size(memory)}); check the file's header, or crop or downsample the volume"
+        )
+
+
+def _nifti_data_bytes(path: Path) -> Tuple[int, int]:
+    """(bytes of voxel data the NIfTI file holds, header size), reading a ``.gz`` as a stream.
+
+    A gzip stream that ends early or fails its checksum is a truncated file (``BadInputError``).
+    """
+    chunk = 1 << 20
+    if _head(path, 2) == b"\x1f\x8b":  # gzip magic: a .nii.gz (whatever the name says)
+        total, head = 0, b""
+        try:
+            with gzip.open(path, "rb") as stream:
+                while True:
+                    block = stream.read(chunk)
+                    if not block:
+                        break
+                    if len(head) < 544:
+                        head += block[: 544 - len(head)]
+                    total += len(block)
+        except (EOFError, gzip.BadGzipFile, zlib.error, OSError) as error:
+            raise BadInputError(
+                f"input {path} is truncated or damaged: its compressed data {_gzip_problem(error)}; copy or "
+                f"export it again"
+            ) from error
+    else:
+        head, total = _head(path, 544), path.stat().st_size
+    offset = _nifti_vox_offset(head)
+    return total - offset, offset
+
+
+def _head(path: Path, count: int) -> bytes:
+    with open(path, "rb") as stream:
+        return stream.read(count)
+
+
+def _gzip_problem(error: BaseException) -> str:
+    if isinstance(error, EOFError):
+        return "ends before its end marker"
+    return f"is invalid ({_first_line(error)})"
+
+
+def _nifti_vox_offset(head: bytes) -> int:
+    """Where the voxel data starts (NIfTI-1: float at byte 108; NIfTI-2: int64 at byte 168)."""
+    for endian in "<>":
+        if len(head) >= 112 and struct.unpack_from(endian + "i", head, 0)[0] == 348:
+            return max(348, int(struct.unpack_from(endian + "f", head, 108)[0]))
+        if len(head) >= 176 and struct.unpack_from(endian + "i", head, 0)[0] == 540:
+            return max(540, int(struct.unpack_from(endian + "q", head, 168)[0]))
+    return 0  # not a header we know: ITK will say what is wrong
 
 
 def read_channels(paths: Sequence[PathLike]) -> list[sitk.Image]:
@@ -191,36 +314,192 @@ def check_output_path(path: PathLike, overwrite: bool) -> Path:
     return path
 
 
-def atomic_write(path: PathLike, writer: Callable[[Path], None], overwrite: bool) -> Path:
+Writer = Callable[[Path], None]
+STALE_TEMPORARY_SECONDS = 60.0  # a dead run's temporary file older than this is removed
+# ".<stem>.tmp-<pid>-<8 hex><suffix>": the temporaries (and backups) this module makes.
+_TEMPORARY_NAME = re.compile(r"^\..+\.tmp-(?P<pid>[0-9]+)-[0-9a-f]{8}(\..*)?$")
+
+
+def temporary_path(path: Path) -> Path:
+    """A hidden file name beside ``path`` with this process's id and the destination's extension
+    (so SimpleITK picks the format): ``.<stem>.tmp-<pid>-<random><suffix>``."""
+    suffix = path_suffix(path, OUTPUT_SUFFIXES)
+    stem = path.name[: len(path.name) - len(suffix)] if suffix else path.name
+    return path.with_name(f".{stem}.tmp-{os.getpid()}-{secrets.token_hex(4)}{suffix}")
+
+
+def remove_stale_temporaries(folder: PathLike, older_than: float = STALE_TEMPORARY_SECONDS) -> list[Path]:
+    """Remove the temporary files of runs that died (``kill -9``, power loss) from ``folder``.
+
+    Only plain files named as :func:`temporary_path` names them, whose process is gone and which
+    were last modified more than ``older_than`` seconds ago; anything else is left alone. Returns
+    the files removed. (A run on another machine writing to a shared folder keeps its file fresh
+    while it writes; one that stalls for a minute may lose its temporary and then fails cleanly.)
+    """
+    removed = []
+    now = time.time()
+    try:
+        entries = list(os.scandir(folder))
+    except OSError:
+        return removed
+    for entry in entries:
+        match = _TEMPORARY_NAME.match(entry.name)
+        if match is None or int(match["pid"]) == os.getpid() or _process_alive(int(match["pid"])):
+            continue
+        try:
+            if not entry.is_file(follow_symlinks=False) or now - entry.stat().st_mtime < older_than:
+                continue
+            os.unlink(entry.path)
+        except OSError:
+            continue
+        removed.append(Path(entry.path))
+    return removed
+
+
+def _process_alive(pid: int) -> bool:
+    """Whether a process with this id exists (True when that cannot be told: keep its files)."""
+    if pid <= 0:
+        return True
+    if os.name == "nt":  # os.kill(pid, 0) would send CTRL_C_EVENT on Windows
+        return _windows_process_alive(pid)
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # PermissionError: it exists, owned by someone else
+        return True
+    return True
+
+
+def _windows_process_alive(pid: int) -> bool:
+    import ctypes
+
+    kernel32 = ctypes.WinDLL("kernel32", use_last_error=True)
+    handle = kernel32.OpenProcess(0x1000, False, pid)  # PROCESS_QUERY_LIMITED_INFORMATION
+    if not handle:
+        return ctypes.get_last_error() != 87  # ERROR_INVALID_PARAMETER: no such process
+    try:
+        code = ctypes.c_ulong()
+        if kernel32.GetExitCodeProcess(handle, ctypes.byref(code)):
+            return code.value == 259  # STILL_ACTIVE
+        return True
+    finally:
+        kernel32.CloseHandle(handle)
+
+
+def atomic_write(path: PathLike, writer: Writer, overwrite: bool) -> Path:
     """Let ``writer`` write a hidden temporary file beside ``path``, then rename it into place.
 
     The temporary file keeps the destination's extension so SimpleITK picks the right file
     format. It is removed on any exception, KeyboardInterrupt and cancellation included. Without
     ``overwrite`` an existing file is never replaced, even one that appeared during the write.
     """
-    path = Path(path).absolute()
-    if path.exists() and not overwrite:
-        raise BadInputError(f"output {path} exists; pass --overwrite to replace it or choose another path")
-    suffix = path_suffix(path, OUTPUT_SUFFIXES)
-    stem = path.name[: len(path.name) - len(suffix)] if suffix else path.name
-    temp = path.with_name(f".{stem}.tmp-{secrets.token_hex(4)}{suffix}")
+    return write_outputs([(path, writer)], overwrite)[0]
+
+
+def write_outputs(
+    outputs: Sequence[Tuple[PathLike, Writer]],
+    overwrite: bool,
+    cancel: Optional[threading.Event] = None,
+) -> list[Path]:
+    """Write several outputs as one: every file or none of them, old files kept on any failure.
+
+    1. Stale temporaries of dead runs are removed from the destination folders.
+    2. Each ``writer`` writes its hidden temporary file (:func:`temporary_path`).
+    3. If ``cancel`` is set by then (SIGTERM during writing), the temporaries are removed and
+       ``CancelledError`` is raised: nothing is replaced.
+    4. The temporaries are renamed into place in order; an existing file is first kept as a hidden
+       backup (a hard link where the file system has them). If a later rename fails, the outputs
+       already renamed are put back (their backups restored, new files removed) and the error
+       is raised as ``BadInputError``.
+    Without ``overwrite`` an existing file is never replaced, even one that appeared meanwhile.
+    """
+    targets = [Path(path).absolute() for path, _ in outputs]
+    for path in targets:
+        if path.exists() and not overwrite:
+            raise BadInputError(f"output {path} exists; pass --overwrite to replace it or choose another path")
+    for folder in dict.fromkeys(path.parent for path in targets):
+        remove_stale_temporaries(folder)
+    temps: list[Path] = []
+    committed: list[Tuple[Path, Optional[Path]]] = []  # (output, its backup or None when it is new)
+    kept: list[Path] = []  # backups that could not be put back: never deleted
     try:
+        for path, (_, writer) in zip(targets, outputs):
+            if cancel is not None and cancel.is_set():
+                break
+            temps.append(temporary_path(path))
+            try:
+                writer(temps[-1])
+            except (RuntimeError, OSError) as error:
+                raise BadInputError(
+                    f"cannot write {path}: {_first_line(error)}; check free disk space and permissions"
+                ) from error
+            if not temps[-1].is_file():
+                raise UNet3DSegmentError(f"internal error: the writer of {path} produced no file")
+        if cancel is not None and cancel.is_set():
+            raise CancelledError("cancelled while writing the outputs; nothing was written or replaced")
         try:
-            writer(temp)
-        except (RuntimeError, OSError) as error:
-            raise BadInputError(
-                f"cannot write {path}: {_first_line(error)}; check free disk space and permissions"
-            ) from error
-        if not temp.is_file():
-            raise UNet3DSegmentError(f"internal error: the writer of {path} produced no file")
-        if overwrite:
-            os.replace(temp, path)
-        else:
-            _move_without_replacing(temp, path)
+            for path, temp in zip(targets, temps):
+                committed.append((path, _commit(temp, path, overwrite)))
+        except BaseException as error:
+            kept = _roll_back(committed)
+            committed = []
+            if isinstance(error, OSError):
+                note = f" (the old file is kept as {', '.join(map(str, kept))})" if kept else ""
+                raise BadInputError(
+                    f"cannot write {path}: {_first_line(error)}; no output was changed{note}; check free "
+                    f"disk space and permissions"
+                ) from error
+            raise
     finally:
-        if temp.exists():
-            temp.unlink()
-    return path
+        for temp in temps:
+            if temp.exists():
+                temp.unlink()
+        for _, backup in committed:
+            if backup is not None and backup not in kept:
+                backup.unlink(missing_ok=True)
+    return targets
+
+
+def _commit(temp: Path, path: Path, overwrite: bool) -> Optional[Path]:
+    """Rename ``temp`` to ``path``; returns the backup of the file it replaced (None: there was none)."""
+    if not overwrite:
+        _move_without_replacing(temp, path)
+        return None
+    if not path.exists():
+        os.replace(temp, path)
+        return None
+    backup = temporary_path(path)
+    try:
+        os.link(path, backup)  # the old file stays in place until the atomic replace
+        linked = True
+    except OSError:  # no hard links here: move it aside (the output is missing for a moment)
+        os.replace(path, backup)
+        linked = False
+    try:
+        os.replace(temp, path)
+    except BaseException:
+        if linked:
+            backup.unlink(missing_ok=True)
+        else:
+            os.replace(backup, path)
+        raise
+    return backup
+
+
+def _roll_back(committed: Sequence[Tuple[Path, Optional[Path]]]) -> list[Path]:
+    """Undo renamed outputs: restore backups, remove new files. Returns backups it could not restore."""
+    kept = []
+    for path, backup in reversed(committed):
+        try:
+            if backup is None:
+                path.unlink(missing_ok=True)
+            else:
+                os.replace(backup, path)
+        except OSError:
+            if backup is not None:
+                kept.append(backup)
+    return kept
 
 
 def _move_without_replacing(temp: Path, path: Path) -> None:
@@ -243,8 +522,13 @@ def _move_without_replacing(temp: Path, path: Path) -> None:
 
 def write_labelmap(label_image: sitk.Image, path: PathLike, overwrite: bool = False) -> Path:
     """Write a label image (compressed) as the smallest unsigned integer type that holds it."""
+    return atomic_write(path, labelmap_writer(label_image), overwrite)
+
+
+def labelmap_writer(label_image: sitk.Image) -> Writer:
+    """The writer (for :func:`write_outputs`) of :func:`write_labelmap`; checks the labels now."""
     labels = _as_label_image(label_image)
-    return atomic_write(path, lambda temp: sitk.WriteImage(labels, str(temp), True), overwrite)
+    return lambda temp: sitk.WriteImage(labels, str(temp), True)
 
 
 def write_segmentation(
@@ -259,6 +543,11 @@ def write_segmentation(
     string as Slicer stores it, or None). Class 0 is the background and gets no segment; every
     other class gets one, even when it is empty.
     """
+    return atomic_write(path, segmentation_writer(label_image, path, classes), overwrite)
+
+
+def segmentation_writer(label_image: sitk.Image, path: PathLike, classes: Sequence[SegmentClass]) -> Writer:
+    """The writer (for :func:`write_outputs`) of :func:`write_segmentation`; checks everything now."""
     if path_suffix(path, OUTPUT_SUFFIXES) != ".seg.nrrd":
         raise BadInputError(f"segmentation output {path} must end in .seg.nrrd; rename it")
     labels = _as_label_image(label_image)
@@ -272,7 +561,7 @@ def write_segmentation(
         labels = sitk.Image(labels)
     for key, value in segmentation_metadata(labels, classes).items():
         labels.SetMetaData(key, value)
-    return atomic_write(path, lambda temp: sitk.WriteImage(labels, str(temp), True), overwrite)
+    return lambda temp: sitk.WriteImage(labels, str(temp), True)
 
 
 def segmentation_metadata(reference: sitk.Image, classes: Sequence[SegmentClass]) -> dict[str, str]:
@@ -364,6 +653,11 @@ def write_probabilities(
 ) -> Path:
     """Write per-class probabilities (z, y, x, k) as a k-component float32 image on the grid of
     ``reference_image`` (compressed)."""
+    return atomic_write(path, probabilities_writer(probs_zyxk, reference_image, path), overwrite)
+
+
+def probabilities_writer(probs_zyxk: np.ndarray, reference_image: sitk.Image, path: PathLike) -> Writer:
+    """The writer (for :func:`write_outputs`) of :func:`write_probabilities`; checks everything now."""
     if path_suffix(path, OUTPUT_SUFFIXES) == ".seg.nrrd":
         raise BadInputError(
             f"probabilities cannot be written as a segmentation ({path}); use .nrrd, .nii.gz or .mha"
@@ -379,4 +673,4 @@ def write_probabilities(
     image.SetOrigin(reference_image.GetOrigin())
     image.SetSpacing(reference_image.GetSpacing())
     image.SetDirection(reference_image.GetDirection())
-    return atomic_write(path, lambda temp: sitk.WriteImage(image, str(temp), True), overwrite)
+    return lambda temp: sitk.WriteImage(image, str(temp), True)

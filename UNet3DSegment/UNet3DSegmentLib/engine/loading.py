@@ -1,7 +1,8 @@
 """Load a Keras model with its card, check one against the other, and predict patches.
 
 Formats: Keras 3 ``.keras`` (safe mode: no Lambda layers), legacy ``.h5`` (a full model, or weights
-only, rebuilt from the card's ``network`` section), and TensorFlow SavedModel folders. A
+only, rebuilt from the card's ``network`` section), and TensorFlow SavedModel folders (only pure tensor
+operations, checked by ``savedmodel_safety`` before TensorFlow loads them, unless trusted). A
 :class:`LoadedModel` predicts through its backend's compiled forward pass (``runtime.predictors``).
 
 The framework is set up by ``runtime.backends.configure_runtime`` before the first op (threading and
@@ -33,6 +34,16 @@ logger = logging.getLogger(__name__)
 KERAS_SUFFIXES = (".keras",)
 H5_SUFFIXES = (".h5", ".hdf5")
 DEFAULT_PATCH_SIDE = 64  # for models whose spatial input dims are free and that come without a card
+_trusted = False  # set by trust_models(): the command line's --trust-model
+
+
+def trust_models(enabled: bool) -> None:
+    """Whether :func:`load_model` skips the SavedModel safety check by default (``--trust-model``).
+
+    Only the command line sets it, from ``SegmentOptions.trust_model``; the web page never does.
+    """
+    global _trusted
+    _trusted = bool(enabled)
 
 
 @dataclass
@@ -115,7 +126,8 @@ class LoadedModel:
 
 
 def load_model(
-    path: Union[str, Path], card: Optional[ModelCard] = None, precision: str = "fp32"
+    path: Union[str, Path], card: Optional[ModelCard] = None, precision: str = "fp32",
+    trust: Optional[bool] = None,
 ) -> LoadedModel:
     """Load ``.keras``, ``.h5`` or a SavedModel folder, with its card, and check they agree.
 
@@ -125,6 +137,8 @@ def load_model(
     ``runtime/precision.py``) rebuilds the model under that mixed-precision policy, output layer float32.
     Runs on the Keras backend in effect (``runtime.backends.select_backend``) and the device configured
     (``runtime.backends.configure_runtime``, defaults if not called); SavedModels need TensorFlow.
+    A SavedModel must pass ``savedmodel_safety.check_saved_model`` before anything of it is loaded, unless
+    ``trust`` (default: :func:`trust_models`, the command line's ``--trust-model``) is true.
     """
     path = Path(path)
     kind = _model_kind(path)
@@ -135,6 +149,10 @@ def load_model(
     precision = SegmentOptions.spec("precision").check(precision)
     device = ensure_configured()
     _check_backend(kind, path)
+    if kind == "saved_model" and not (_trusted if trust is None else trust):
+        from .savedmodel_safety import check_saved_model
+
+        check_saved_model(path)  # reads saved_model.pb only; refuses any op beyond pure tensor maths
 
     if kind == "keras":
         model = _load_keras(path)

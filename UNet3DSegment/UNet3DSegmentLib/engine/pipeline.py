@@ -99,6 +99,8 @@ def segment_images(
     start = emitter.seconds
     emitter.emit("preprocess", message="reorienting, resampling, normalising")
     prepared = prepare(list(images), card)
+    for message in prepared.warnings:  # e.g. non-finite voxels set to 0: counted, never silent
+        emitter.emit("warning", message=message)
     timings["preprocess"] = emitter.seconds - start
 
     start = emitter.seconds
@@ -167,19 +169,22 @@ def segment_files(
     cancel: Optional[threading.Event] = None,
     probabilities: Optional[PathLike] = None,
     overwrite: bool = False,
+    loaded: Optional[Any] = None,
 ) -> SegmentationResult:
     """Read ``inputs`` (one file or DICOM folder per channel), segment, write ``output`` atomically.
 
     Output paths are checked before anything expensive runs. ``model=None`` uses the bundled demo
-    model. Nothing is written unless the whole run succeeds.
+    model. ``loaded``: a ``LoadedModel`` already in memory (``unet3d-segment serve``), used instead of
+    loading ``model``. Nothing is written unless the whole run succeeds.
     """
     from .bundled_models import default_model_path
     from .image_io import (
         check_output_path,
+        labelmap_writer,
+        probabilities_writer,
         read_channels,
-        write_labelmap,
-        write_probabilities,
-        write_segmentation,
+        segmentation_writer,
+        write_outputs,
     )
     from .loading import load_model
 
@@ -193,8 +198,11 @@ def segment_files(
 
     emitter.emit("load", message="reading input volume(s)")
     images = read_channels([Path(p) for p in inputs])
-    emitter.emit("load", message="loading model")
-    loaded = load_model(Path(model) if model else default_model_path(), precision=options.precision)
+    if loaded is None:
+        emitter.emit("load", message="loading model")
+        loaded = load_model(Path(model) if model else default_model_path(), precision=options.precision)
+    else:
+        emitter.emit("load", message=f"model {loaded.path.name} already loaded")
     if loaded.precision != "fp32":
         emitter.emit("load", message=f"model runs in {loaded.precision} mixed precision on {loaded.device}")
 
@@ -212,23 +220,22 @@ def segment_files(
         raise CancelledError("cancelled before writing; nothing was written")
 
     emitter.emit("write", message=f"writing {output_path.name}")
-    # Probabilities first: if the labelmap then fails, they are removed again, so a failed run never
-    # leaves one output without the other.
+    # Both outputs or neither: each is written to a temporary file, then both are renamed into place;
+    # if the second rename fails the first is put back (write_outputs). SIGTERM while writing cancels
+    # before the renames (exit 5, nothing replaced).
+    outputs = []
     if probabilities_path is not None:
-        write_probabilities(result.probabilities, result.labels, probabilities_path, overwrite=overwrite)
-    try:
-        if output_path.name.lower().endswith(".seg.nrrd"):
-            classes = [
-                (c.name, c.rgb01, c.terminology.to_slicer_string() if c.terminology else None)
-                for c in result.card.classes
-            ]
-            write_segmentation(result.labels, output_path, classes, overwrite=overwrite)
-        else:
-            write_labelmap(result.labels, output_path, overwrite=overwrite)
-    except BaseException:
-        if probabilities_path is not None:
-            probabilities_path.unlink(missing_ok=True)
-        raise
+        outputs.append((probabilities_path,
+                        probabilities_writer(result.probabilities, result.labels, probabilities_path)))
+    if output_path.name.lower().endswith(".seg.nrrd"):
+        classes = [
+            (c.name, c.rgb01, c.terminology.to_slicer_string() if c.terminology else None)
+            for c in result.card.classes
+        ]
+        outputs.append((output_path, segmentation_writer(result.labels, output_path, classes)))
+    else:
+        outputs.append((output_path, labelmap_writer(result.labels)))
+    write_outputs(outputs, overwrite, cancel=cancel)
     result.output = output_path
     emitter.emit("done", message=f"wrote {output_path}", output=str(output_path), patches=result.patches)
     return result

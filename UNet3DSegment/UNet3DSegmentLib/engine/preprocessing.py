@@ -1,8 +1,10 @@
 """Turn input volumes into the network's input array as the model card asks, and map outputs back.
 
-Forward (``prepare``): reorient (``sitk.DICOMOrient``) -> resample to the card's spacing (linear;
-same origin and direction, size = round(extent / spacing)) -> crop to the union non-zero box of all
-channels (1-voxel margin) -> normalise each channel -> stack to float32 ``(z, y, x, channels)``.
+Forward (``prepare``): set NaN/Inf voxels to 0 (counted in ``PreparedInput.warnings``) -> reorient
+(``sitk.DICOMOrient``) -> resample to the card's spacing (linear; same origin and direction, size =
+round(extent / spacing); a grid beyond this machine's memory is an ``OutOfMemoryError`` naming it) ->
+crop to the union non-zero box of all channels (1-voxel margin) -> normalise each channel -> stack to
+float32 ``(z, y, x, channels)``.
 
 Inverse (``PreparedInput.restore_*``): paste the crop back into the resampled grid, resample to the
 reoriented input grid, undo the reorientation, and check that the result lies exactly on the
@@ -19,7 +21,7 @@ import numpy as np
 import SimpleITK as sitk
 
 from ..base.options import NORMALIZATIONS
-from ..base.errors import BadInputError, BadModelError, UNet3DSegmentError
+from ..base.errors import BadInputError, BadModelError, OutOfMemoryError, UNet3DSegmentError, is_out_of_memory
 
 Slices = Tuple[slice, slice, slice]
 _GEOMETRY_TOLERANCE = 1e-6  # restored grid vs original grid (relative to the spacing)
@@ -74,6 +76,7 @@ class PreparedInput:
     _oriented_grid: Grid  # input grid after reorientation (= input grid if not reoriented)
     _resampled_grid: Optional[Grid]  # grid at the card's spacing, None if not resampled
     _crop: Optional[Slices]  # (z, y, x) slices of the resampled grid, None if not cropped
+    warnings: Tuple[str, ...] = ()  # one line per repair of the input (non-finite voxels set to 0)
 
     @property
     def original_image(self) -> sitk.Image:
@@ -192,6 +195,7 @@ def prepare(images: Sequence[sitk.Image], card: Any) -> PreparedInput:
             f"{len(channels)} volume(s) were given; pass one volume per channel in that order"
         )
     original = channels[0]
+    channels, warnings = _finite_channels(channels, expected)
 
     original_orientation = None
     if spec.orientation != "native":
@@ -207,8 +211,7 @@ def prepare(images: Sequence[sitk.Image], card: Any) -> PreparedInput:
         target_spacing = check_spacing(spec.spacing)
         if not np.allclose(oriented_grid.spacing, target_spacing, rtol=1e-6, atol=0.0):
             resampled_grid = target_grid(oriented_grid, target_spacing)
-            channels = [resample_to_grid(channel, resampled_grid, sitk.sitkLinear, sitk.sitkFloat32)
-                        for channel in channels]
+            channels = _resample_channels(channels, resampled_grid, oriented_grid)
 
     arrays = [sitk.GetArrayViewFromImage(channel) for channel in channels]  # no copies
     crop = nonzero_box(arrays, margin=1) if spec.crop_to_nonzero else None
@@ -221,7 +224,89 @@ def prepare(images: Sequence[sitk.Image], card: Any) -> PreparedInput:
     for index, array in enumerate(arrays):
         normalize_into(array, method, params, stacked[..., index])
     del arrays  # the views must not outlive ``channels``
-    return PreparedInput(stacked, original, original_orientation, oriented_grid, resampled_grid, crop)
+    return PreparedInput(stacked, original, original_orientation, oriented_grid, resampled_grid, crop,
+                         tuple(warnings))
+
+
+def _finite_channels(channels: Sequence[sitk.Image], names: Sequence[str]) -> Tuple[list, list]:
+    """The channels with every NaN/Inf voxel set to 0, and one warning per repaired channel.
+
+    One non-finite voxel would otherwise spread through the normalisation statistics (and linear
+    resampling) into every voxel, and the result would be all background without a word. Zero is
+    what the normalisations treat as "no signal" (``zscore-nonzero`` leaves it out of the statistics,
+    ``crop_to_nonzero`` crops it away). A channel with no finite voxel at all is refused.
+    Integer images cannot hold non-finite values and are passed through without a look.
+    """
+    repaired, warnings = [], []
+    for channel, name in zip(channels, names):
+        if channel.GetPixelID() not in (sitk.sitkFloat32, sitk.sitkFloat64):
+            repaired.append(channel)
+            continue
+        view = sitk.GetArrayViewFromImage(channel)
+        bad = _count_non_finite(view)
+        if not bad:
+            repaired.append(channel)
+            continue
+        if bad == view.size:
+            raise BadInputError(
+                f"input channel {name} holds no finite voxel (all NaN or Inf); check that the right "
+                f"volume was given and that it was exported correctly"
+            )
+        values = sitk.GetArrayFromImage(channel)  # a copy: the caller's image stays as it was
+        for first in range(0, values.shape[0], _slab_rows(values)):
+            slab = values[first:first + _slab_rows(values)]
+            slab[~np.isfinite(slab)] = 0
+        fixed = sitk.GetImageFromArray(values)
+        fixed.CopyInformation(channel)
+        repaired.append(fixed)
+        warnings.append(
+            f"input channel {name} has {bad} non-finite voxel(s) (NaN or Inf) out of {view.size}; they were "
+            f"set to 0 (fix the volume if they are not meant to be empty)"
+        )
+    return repaired, warnings
+
+
+def _slab_rows(values: np.ndarray) -> int:
+    """z-slices per chunk so that a chunk holds about ``_CHUNK`` voxels."""
+    return max(1, _CHUNK // max(1, int(np.prod(values.shape[1:]))))
+
+
+def _count_non_finite(values: np.ndarray) -> int:
+    """How many voxels are NaN or +-Inf, chunk by chunk (no full-size mask)."""
+    step = _slab_rows(values)
+    return sum(int(values[first:first + step].size - np.count_nonzero(np.isfinite(values[first:first + step])))
+               for first in range(0, values.shape[0], step))
+
+
+def _resample_channels(channels: Sequence[sitk.Image], grid: Grid, source: Grid) -> list:
+    """Resample every channel onto ``grid`` (float32), refusing a grid this machine cannot hold.
+
+    The resampled channels and the stacked network input are float32 copies of the new grid, so
+    ``2 x channels x voxels x 4`` bytes are needed at least; above the machine's memory that is an
+    ``OutOfMemoryError`` naming the grid, before anything is allocated.
+    """
+    from ..base.units import format_size
+    from ..runtime.cpu import total_memory
+
+    voxels = int(np.prod(grid.size, dtype=np.float64))
+    needed = 2 * len(channels) * voxels * 4
+    where = (f"resampling to the model's spacing {_fmt_mm(grid.spacing)} mm makes a grid of "
+             f"{'x'.join(map(str, grid.size))} voxels ({format_size(needed)} for the input alone)")
+    fix = (f"the input's spacing is {_fmt_mm(source.spacing)} mm: check that the volume's spacing is right "
+           f"and that the model card's spacing is in mm, or use a machine with more memory")
+    memory = total_memory()
+    if memory and needed > memory:
+        raise OutOfMemoryError(f"{where}, more than this machine's {format_size(memory)}; {fix}")
+    try:
+        return [resample_to_grid(channel, grid, sitk.sitkLinear, sitk.sitkFloat32) for channel in channels]
+    except (RuntimeError, MemoryError) as error:
+        if not is_out_of_memory(error):
+            raise
+        raise OutOfMemoryError(f"{where}: out of memory; {fix}") from error
+
+
+def _fmt_mm(values: Sequence[float]) -> str:
+    return "(" + ", ".join(f"{float(v):g}" for v in values) + ")"
 
 
 def check_orientation_code(code: Any) -> str:

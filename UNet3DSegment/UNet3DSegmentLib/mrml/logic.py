@@ -32,9 +32,11 @@ from ..client.engine_process import (
     engine_environment,
     segment_command,
 )
+from ..client.warm_engine import DEFAULT_IDLE_TIMEOUT, WarmEngine
 from ..base.errors import BadInputError, BadModelError, CancelledError, UNet3DSegmentError
 from ..base.options import SegmentOptions
 from ..engine.card import ModelCard, card_for_model, default_card
+from ..engine.model_summary import default_card_for_model
 
 ProgressCallback = Callable[[dict], None]
 PathLike = Union[str, Path]
@@ -167,7 +169,7 @@ class SegmentationJob:
 
 
 def _abandon(process: EngineProcess, temporaryDirectory: str) -> None:
-    if process.returncode is None:
+    if not process.finished:  # behind PythonSlicer the launcher may be gone while python-real still runs
         process.cancel(grace_seconds=1.0)
     shutil.rmtree(temporaryDirectory, ignore_errors=True)
 
@@ -177,12 +179,22 @@ class UNet3DSegmentLogic:
 
     ``scene`` defaults to ``slicer.mrmlScene``; ``temporaryRoot`` to the system temporary folder.
     The Slicer module subclasses this to add its parameter node and Slicer's own Python launcher.
+
+    ``keepEngineWarm``: run through a ``WarmEngine`` (``client/warm_engine.py``) that keeps the engine
+    child and its model loaded between runs (replaced when the model, its file, the runtime options,
+    the interpreter or the environment change; it exits by itself after ``engineIdleTimeout``
+    seconds without a run; a run started while another runs on it gets a child of its own). Whoever
+    sets it calls ``shutdownEngine()`` when done (the Slicer module: on module cleanup and scene
+    close). Default False: one child per run.
     """
 
-    def __init__(self, scene=None, temporaryRoot: Optional[PathLike] = None) -> None:
+    def __init__(self, scene=None, temporaryRoot: Optional[PathLike] = None, keepEngineWarm: bool = False) -> None:
         super().__init__()
         self._scene = scene
         self.temporaryRoot = None if temporaryRoot is None else Path(temporaryRoot)
+        self.keepEngineWarm = keepEngineWarm
+        self.engineIdleTimeout = DEFAULT_IDLE_TIMEOUT
+        self._warmEngine: Optional[WarmEngine] = None
 
     # --- hooks the Slicer module overrides ------------------------------------------------------
     @property
@@ -220,9 +232,14 @@ class UNet3DSegmentLogic:
 
     @classmethod
     def modelCard(cls, model: Optional[PathLike] = None) -> tuple[ModelCard, bool]:
-        """The card of ``model`` and whether it came from a file (False: seed defaults assumed)."""
-        card = card_for_model(cls.modelPath(model))
-        return (card, True) if card is not None else (default_card(), False)
+        """The card of ``model`` and whether it came from a file (False: seed defaults assumed).
+
+        Without a card the defaults take the model's own channel and class counts where its file says
+        them cheaply (``engine.model_summary``: nothing is loaded or built).
+        """
+        path = cls.modelPath(model)
+        card = card_for_model(path)
+        return (card, True) if card is not None else (default_card_for_model(path), False)
 
     # --- segmentation ---------------------------------------------------------------------------
     def segment(
@@ -271,10 +288,8 @@ class UNet3DSegmentLogic:
         temporaryDirectory = Path(tempfile.mkdtemp(prefix=TEMP_PREFIX, dir=None if root is None else str(root)))
         try:
             inputs = [self._writeVolume(v, temporaryDirectory / f"input_{i}.nrrd") for i, v in enumerate(volumes)]
-            command = segment_command(python, inputs, temporaryDirectory / OUTPUT_NAME, modelPath, options,
-                                      extraArguments)
-            process = EngineProcess.start(command, env=engine_environment(self.baseEnvironment()),
-                                          cwd=temporaryDirectory)
+            process = self._startEngine(python, inputs, temporaryDirectory / OUTPUT_NAME, modelPath, options,
+                                        extraArguments, temporaryDirectory)
         except BaseException:
             shutil.rmtree(temporaryDirectory, ignore_errors=True)
             raise
@@ -292,6 +307,31 @@ class UNet3DSegmentLogic:
 
     def processEvents(self) -> None:
         """Called while a blocking segment() waits (Slicer keeps its GUI alive here)."""
+
+    def _startEngine(self, python: Path, inputs: Sequence[Path], output: Path, modelPath: Path,
+                     options: SegmentOptions, extraArguments: Sequence[str], temporaryDirectory: Path):
+        """A request on the warm engine (``keepEngineWarm``, unless it is busy), else a child of its own."""
+        env = engine_environment(self.baseEnvironment())
+        if self.keepEngineWarm:
+            if self._warmEngine is None or self._warmEngine.idle_timeout != float(self.engineIdleTimeout):
+                self.shutdownEngine(wait=False)
+                self._warmEngine = WarmEngine(idle_timeout=self.engineIdleTimeout)
+            if not self._warmEngine.busy:
+                return self._warmEngine.run(python, inputs, output, modelPath, options, extraArguments, env=env)
+        elif self._warmEngine is not None:  # switched off: its memory goes now, not at the idle timeout
+            self.shutdownEngine(wait=False)
+        command = segment_command(python, inputs, output, modelPath, options, extraArguments)
+        return EngineProcess.start(command, env=env, cwd=temporaryDirectory)
+
+    def shutdownEngine(self, wait: bool = False) -> None:
+        """Stop the warm engine child, if any (a run on it ends as cancelled). Safe to call at any time.
+
+        Returns at once unless ``wait``: the child gets SIGTERM now and a background thread makes sure
+        it is gone (SIGKILL after the grace period).
+        """
+        engine, self._warmEngine = self._warmEngine, None
+        if engine is not None:
+            engine.stop(wait=wait)
 
     # --- steps ----------------------------------------------------------------------------------
     def _checkInputs(self, inputVolumes) -> list:

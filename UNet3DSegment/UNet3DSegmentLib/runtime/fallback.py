@@ -1,10 +1,13 @@
 """Out-of-memory fallback around a predictor: smaller batches first, then the CPU, then give up.
 
 A GPU that runs out of memory mid-run should cost time, not the run: :class:`FallbackPredictor`
-catches :class:`OutOfMemoryError` from the predictor, halves the number of patches per model call
-(splitting each batch the sliding window hands it) down to one, then switches to a CPU predictor when
-one is given, and says so through ``warn`` (the pipeline turns that into a ``"warning"`` progress
-event). Only when one patch on the CPU does not fit does the error reach the caller.
+catches any out-of-memory error of the predictor (:class:`OutOfMemoryError`, and what
+``is_out_of_memory`` recognises: Python's ``MemoryError``, TensorFlow's ``ResourceExhaustedError``,
+...), halves the number of patches per model call (splitting each batch the sliding window hands it)
+down to one, then switches to a CPU predictor when one is given and halves again there, and says so
+through ``warn`` (the pipeline turns that into a ``"warning"`` progress event). Only when one patch
+does not fit on the last device does the error reach the caller, with advice for that device (on
+the CPU never "use --device cpu").
 """
 
 from __future__ import annotations
@@ -13,7 +16,7 @@ from typing import Callable, Optional
 
 import numpy as np
 
-from ..base.errors import OutOfMemoryError
+from ..base.errors import OutOfMemoryError, is_out_of_memory
 
 Predictor = Callable[[np.ndarray], np.ndarray]
 
@@ -43,7 +46,9 @@ class FallbackPredictor:
         while True:
             try:
                 return self._run(batch)
-            except OutOfMemoryError as error:
+            except Exception as error:  # noqa: BLE001 - every framework has its own out-of-memory type
+                if not is_out_of_memory(error):
+                    raise
                 self._step_down(batch.shape[0], error)
 
     def _run(self, batch: np.ndarray) -> np.ndarray:
@@ -53,7 +58,7 @@ class FallbackPredictor:
         parts = [self._predict(batch[first:first + self.rows]) for first in range(0, n, self.rows)]
         return np.concatenate(parts, axis=0)
 
-    def _step_down(self, n: int, error: OutOfMemoryError) -> None:
+    def _step_down(self, n: int, error: Exception) -> None:
         """Halve the patches per call; at one, move to the CPU; with nowhere left to go, re-raise."""
         rows = min(self.rows or n, n)
         if rows > 1:
@@ -66,8 +71,21 @@ class FallbackPredictor:
         cpu = self._cpu_fallback() if self._cpu_fallback is not None and self.device != "cpu" else None
         if cpu is None:
             raise OutOfMemoryError(
-                f"out of memory on {self.device} even with 1 patch per model call; use a smaller patch "
-                "size, close other programs, or use another device"
+                out_of_memory_advice(self.device, "even with 1 patch per model call", smaller_batch=False)
             ) from error
         self._warn(f"out of memory on {self.device} with 1 patch per model call; continuing on the CPU (slower)")
         self._predict, self.device, self.rows = cpu, "cpu", None
+
+
+def out_of_memory_advice(device: Optional[str], what: str, smaller_batch: bool = True) -> str:
+    """The one-line out-of-memory message for ``device`` (``"cpu"``, ``"gpu:N"``; None: not known).
+
+    On the CPU there is no other device to suggest: fewer patches per call (``smaller_batch``), other
+    programs closed, a model with a smaller patch or more memory. On a GPU the CPU is the way out.
+    """
+    batch = "lower --batch-size, " if smaller_batch else ""
+    if device and device != "cpu":
+        return f"out of memory on {device} {what}; close other programs using the GPU, {batch}or run with --device cpu"
+    where = "on the CPU " if device == "cpu" else ""
+    return (f"out of memory {where}{what}; close other programs, {batch}or use a model with a smaller patch size "
+            "or a machine with more memory")

@@ -42,14 +42,16 @@ CLASS_NAMES = ("Background", "CSF", "Grey matter", "White matter")
 
 # Terminology of grey and white matter from Slicer's General Anatomy list
 # (SegmentationCategoryTypeModifier-SlicerGeneralAnatomy.json: "Gray Matter" SCT 389081007 and
-# "White Matter" SCT 389080008 under "Anatomical Structure"); CSF: SCT 65216001 under "Body
-# Substance". Colours: saturated enough to tell the three apart over a T1 (Slicer's recommended grey
+# "White Matter" SCT 389080008 under "Anatomical Structure"); CSF: "Cerebrospinal Fluid" SCT 65216001
+# under "Anatomical Structure", listed only in Slicer's DICOM master list context
+# (SegmentationCategoryTypeModifier-DICOM-Master.json), which the class names. Colours: saturated enough to tell the three apart over a T1 (Slicer's recommended grey
 # and white matter colours are near-white and vanish on bright tissue).
 DEMO_CLASSES = [
     {"name": "Background", "color": "#000000"},
     {"name": "CSF", "color": "#4a90d9",
-     "terminology": {"category": ["SCT", "91720002", "Body Substance"],
-                     "type": ["SCT", "65216001", "Cerebrospinal fluid"]}},
+     "terminology": {"category": ["SCT", "123037004", "Anatomical Structure"],
+                     "type": ["SCT", "65216001", "Cerebrospinal Fluid"],
+                     "context": "Segmentation category and type - DICOM master list"}},
     {"name": "Grey matter", "color": "#cd3e4e",
      "terminology": {"category": ["SCT", "123037004", "Anatomical Structure"],
                      "type": ["SCT", "389081007", "Gray Matter"]}},

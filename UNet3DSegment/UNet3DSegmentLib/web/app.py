@@ -10,11 +10,19 @@ an asyncio task that polls the running job (the page stays responsive), state fo
 (``web/ui.py`` builds them), upload checks (``web/files.py``) and the .seg.nrrd download.
 
 One scene per server: every browser tab connected to it sees and drives the same volume.
+
+Safety (``web/guard.py``, ``web/models.py``): only the server's own origin with the launch's random
+token reaches the page or its WebSocket; each WebSocket message is capped at the upload limit; the model
+is chosen from a list fixed at launch (bundled, ``--model``, ``--models-dir``), never a typed path; and
+the page cannot make the engine trust a SavedModel (``trust_model`` is not a page option).
+Slow work stays off the event loop (worker threads): model cards, the demo MRI (prepared in the
+background from the start), writing uploads.
 """
 
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import logging
 import shutil
 import tempfile
@@ -29,8 +37,11 @@ from trame_slicer.rca_view import register_rca_factories
 
 from ..base.errors import BadInputError, CancelledError, UNet3DSegmentError
 from ..base.options import Option, SegmentOptions
+from ..engine.card import card_path_for_model
 from ..mrml.logic import UNet3DSegmentLogic
 from .files import DEFAULT_MAX_UPLOAD_MB, DEMO_VOLUME_NAME, demo_volume_file, safe_file_name, write_upload
+from .guard import AccessGuard, message_cap, new_token
+from .models import ModelChoices
 from ..client.panel_text import ProgressTracker
 
 PathLike = Union[str, Path]
@@ -39,6 +50,35 @@ LAYOUT = "Axial Primary"  # large axial view, 3D / coronal / sagittal beside it
 PAGE_OPTIONS = ("overlap", "batch_size", "blend", "device", "precision", "tta", "largest_component")  # under Advanced
 
 _log = logging.getLogger(__name__)
+
+
+class _WebLogic(UNet3DSegmentLogic):
+    """The MRML logic with model cards read once, in a worker thread (``cachedCard``), not on the event loop."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self._cards: dict = {}
+
+    @staticmethod
+    def _cardKey(path) -> tuple:
+        stamps = []
+        for item in (path, card_path_for_model(path)):
+            try:
+                info = item.stat()
+                stamps.append((info.st_mtime_ns, info.st_size))
+            except OSError:
+                stamps.append(None)
+        return (str(path), *stamps)
+
+    def cachedCard(self, model=None):
+        """``modelCard`` of ``model``, kept while neither the model nor its card file changes (call off the loop)."""
+        key = self._cardKey(self.modelPath(model))
+        if key not in self._cards:
+            self._cards[key] = UNet3DSegmentLogic.modelCard(model)
+        return self._cards[key]
+
+    def modelCard(self, model=None):  # noqa: D102 - the cached card when segment() asks
+        return self.cachedCard(model)
 
 
 def _hex(rgb01) -> str:
@@ -50,6 +90,9 @@ class UNet3DSegmentWebApp(TrameApp):
 
     ``demo_downsample`` > 1 loads a block-averaged demo MRI (tests, slow machines);
     ``max_upload_mb`` caps uploads; ``temporary_root`` holds uploads and the logic's temporary folders.
+    ``models_dir``: a folder whose models the page may also choose. ``host``: the address the server
+    listens on (for the origin check); ``token``: this launch's secret (default: a new random one), in
+    ``self.guard.url(port)``.
     """
 
     def __init__(
@@ -59,49 +102,63 @@ class UNet3DSegmentWebApp(TrameApp):
         demo_downsample: int = 1,
         max_upload_mb: float = DEFAULT_MAX_UPLOAD_MB,
         temporary_root: Optional[PathLike] = None,
+        models_dir: Optional[PathLike] = None,
+        host: str = "127.0.0.1",
+        token: Optional[str] = None,
     ) -> None:
         super().__init__(server=server)
         self.demo_downsample = int(demo_downsample)
         self.max_upload_mb = float(max_upload_mb)
+        self.models = ModelChoices(model, models_dir)
+        self.guard = AccessGuard(token or new_token(), host)
+        self.server.controller.on_server_bind.add(self._guard_server)
+        self._tasks: list = []  # asyncio holds tasks only weakly
+        self.server.controller.on_server_ready.add(lambda **_: self._tasks.append(create_task(self._watch_demo())))
         self._temporary = Path(tempfile.mkdtemp(prefix="UNet3DSegment-web-", dir=temporary_root))
+        # Slow first-time work (nilearn's import, the demo file) starts now, off the event loop.
+        self._workers = concurrent.futures.ThreadPoolExecutor(max_workers=2, thread_name_prefix="unet3d-web")
         self.slicer_app = SlicerApp()
-        self.logic = UNet3DSegmentLogic(scene=self.slicer_app.scene, temporaryRoot=self._temporary / "jobs")
+        self.logic = _WebLogic(scene=self.slicer_app.scene, temporaryRoot=self._temporary / "jobs")
         self.volume = None
         self.segmentation = None
         self._job = None
+        self._busy = ""  # what a pending step (demo, upload, starting a run) is doing, "" when none
         self._follower = None
+        self._card_request = 0
 
         register_rca_factories(self.slicer_app.view_manager, self.server)
         self.layout_manager = LayoutManager(self.slicer_app.scene, self.slicer_app.view_manager, self.server)
         self.layout_manager.register_layout_dict(LayoutManager.default_grid_configuration())
         self.layout_manager.set_layout(LAYOUT)
 
-        self._init_state(model)
+        self._init_state()
         from .ui import build_ui
 
         self.ui = build_ui(self)
         self.state.change("model_path")(self.on_model_changed)
-        self.on_model_changed(self.state.model_path)
+        self._show_card(self.state.model_path, *self._read_card(self.state.model_path))  # before serving
+        self._demo = self._workers.submit(demo_volume_file, self._temporary, self.demo_downsample)
+
+    def _guard_server(self, wslink_server) -> None:
+        """trame's ``on_server_bind``: origin, token and message-size checks on wslink's server (web/guard.py)."""
+        self.guard.install(wslink_server, self.server.protocol, message_cap(self.max_upload_mb), self._upload_refused)
+
+    def _upload_refused(self, size: int) -> None:
+        """The WebSocket layer refused a message over the upload limit at its first chunk."""
+        with self.state:
+            self._report(error=f"the upload is {size / 1024 / 1024:.0f} MB, over the {self.max_upload_mb:g} MB upload "
+                               "limit; crop or compress it, or start the server with a higher --max-upload-mb")
 
     # --- state ----------------------------------------------------------------------------------
-    def _init_state(self, model: Optional[PathLike]) -> None:
-        items = []  # {"title", "value"}: what the chooser lists; any other typed path works too
-        if model is not None:
-            path = Path(model).expanduser().resolve()
-            items.append({"title": f"{path.name} (--model)", "value": str(path)})
-        try:
-            bundled = UNet3DSegmentLogic.modelPath(None)
-            items.append({"title": f"Bundled demo model ({bundled.name})", "value": str(bundled)})
-        except UNet3DSegmentError:
-            pass  # no bundled model in this install: the user names one
-        items = list({item["value"]: item for item in items}.values())
+    def _init_state(self) -> None:
         state = self.state
         state.update({
             "volume_name": "",
             "info_message": "Load a volume: upload NRRD / NIfTI / MHA, or the demo MRI.",
             "error_message": "",
-            "model_items": items,
-            "model_path": items[0]["value"] if items else "",
+            "model_items": self.models.items,  # a choice list fixed at launch: the page never names a path
+            "model_path": self.models.default,
+            "demo_ready": False, "busy": False,
             "card_title": "", "card_description": "", "card_classes": [], "card_error": "",
             **{declared.name: declared.default for declared in self.page_options()},
             "running": False, "run_state": "idle", "progress": 0, "progress_text": "", "status_text": "",
@@ -114,12 +171,28 @@ class UNet3DSegmentWebApp(TrameApp):
         self.state.error_message = error
 
     # --- model ----------------------------------------------------------------------------------
-    def on_model_changed(self, model_path, **_: Any) -> None:
-        """Show the chosen model's card (name, classes with colours) or why it cannot be used."""
-        state = self.state
+    async def on_model_changed(self, model_path, **_: Any) -> None:
+        """Show the chosen model's card (name, classes with colours) or why it cannot be used.
+
+        Only listed models are read; the card is read and checked in a worker thread.
+        """
+        self._card_request += 1
+        request = self._card_request
+        result = await asyncio.to_thread(self._read_card, model_path)
+        if request == self._card_request:  # else a newer choice is being read
+            with self.state:
+                self._show_card(model_path, *result)
+
+    def _read_card(self, model_path) -> tuple:
+        """``(card, from_file, error)`` of a listed model (worker thread: files are read and checked here)."""
         try:
-            card, from_file = UNet3DSegmentLogic.modelCard(model_path or None)
+            return (*self.logic.cachedCard(self.models.check(model_path)), None)
         except UNet3DSegmentError as error:
+            return None, False, error
+
+    def _show_card(self, model_path, card, from_file: bool, error: Optional[Exception]) -> None:
+        state = self.state
+        if error is not None:
             state.update({"card_title": "", "card_description": "", "card_classes": [], "card_error": str(error)})
             return
         state.card_title = f"{card.name} {card.version}".strip()
@@ -128,26 +201,63 @@ class UNet3DSegmentWebApp(TrameApp):
         state.card_error = "" if from_file else "No model card beside this model: seed defaults assumed."
 
     # --- volumes --------------------------------------------------------------------------------
-    def load_demo(self) -> None:
-        """Load the MNI152 T1 template (nilearn, offline) as the input volume."""
+    async def _watch_demo(self) -> None:
+        """Tell the page (``demo_ready``) once the demo MRI prepared in the background is there."""
         try:
-            path = demo_volume_file(self._temporary, self.demo_downsample)
+            await asyncio.wrap_future(self._demo)
+        except Exception:  # noqa: BLE001 - load_demo reports it, and retries
+            return
+        with self.state:
+            self.state.demo_ready = True
+
+    async def load_demo(self) -> None:
+        """Load the MNI152 T1 template (nilearn, offline) as the input volume.
+
+        The file was being prepared since the server started (worker thread); wait for it off the loop.
+        """
+        if not self._start("Loading the demo MRI..."):
+            return
+        try:
+            if self._demo.done() and self._demo.exception() is not None:  # failed before: try again
+                self._demo = self._workers.submit(demo_volume_file, self._temporary, self.demo_downsample)
+            path = await asyncio.wrap_future(self._demo)
+            self.state.demo_ready = True
             self._load_volume_file(path, DEMO_VOLUME_NAME)
         except UNet3DSegmentError as error:
             self._report(error=str(error))
+        finally:
+            self._end()
 
-    def upload(self, files: list) -> None:
+    async def upload(self, files: list) -> None:
         """Load the first browser file after checking its type and size; a bad file leaves the scene as it was."""
-        if not files:
+        if not files or not isinstance(files[0], dict):
+            return
+        if not self._start(f"Reading {safe_file_name(str(files[0].get('name', '')))}..."):
             return
         folder = Path(tempfile.mkdtemp(prefix="upload-", dir=self._temporary))
         try:
-            path = write_upload(files[0], folder, self.max_upload_mb)
+            path = await asyncio.to_thread(write_upload, files[0], folder, self.max_upload_mb)
             self._load_volume_file(path, _volume_name(path.name))
         except UNet3DSegmentError as error:
             self._report(error=str(error))
         finally:
+            self._end()
             shutil.rmtree(folder, ignore_errors=True)
+
+    def _start(self, doing: str) -> bool:
+        """Mark a step as pending (one at a time) and show it now; False (with a message) while another is."""
+        if self._busy or self._job is not None:
+            self._report(error=f"please wait: {self._busy or 'a segmentation is running'}")
+            return False
+        self._busy = doing
+        self.state.busy = True
+        self._report(info=doing)
+        self.state.flush()
+        return True
+
+    def _end(self) -> None:
+        self._busy = ""
+        self.state.busy = False
 
     def _load_volume_file(self, path: Path, name: str) -> None:
         if self._job is not None:
@@ -181,9 +291,13 @@ class UNet3DSegmentWebApp(TrameApp):
         self.volume = None
 
     # --- segmentation ---------------------------------------------------------------------------
-    def segment(self) -> None:
-        """Start the engine on the loaded volume; an asyncio task follows it to the end."""
-        if self._job is not None:
+    async def segment(self) -> None:
+        """Start the engine on the loaded volume; an asyncio task follows it to the end.
+
+        The model must be a listed one; its card is read off the loop; the page's options never include
+        ``trust_model``, so a SavedModel always passes the engine's safety check.
+        """
+        if self._job is not None or self._busy:
             return
         if self.volume is None:
             self._report(error="no volume loaded; upload one or press Load demo MRI first")
@@ -196,13 +310,24 @@ class UNet3DSegmentWebApp(TrameApp):
             state.update({"progress": view.percent, "progress_text": view.bar_text, "status_text": view.status})
 
         try:
+            model = self.models.check(state.model_path)
+            options = self._options()
+        except UNet3DSegmentError as error:
+            self._report(error=str(error))
+            return
+        if not self._start("Starting the engine..."):
+            return
+        try:
+            await asyncio.to_thread(self.logic.cachedCard, model)  # read and checked in a worker thread
             job = self.logic.segment(
                 self.volume, outputSegmentation=self.segmentation, replaceExisting=self.segmentation is not None,
-                model=state.model_path or None, options=self._options(), waitForCompletion=False, progress=on_event,
+                model=model, options=options, waitForCompletion=False, progress=on_event,
             )
         except UNet3DSegmentError as error:
             self._report(error=str(error))
             return
+        finally:
+            self._end()
         self._job = job
         state.update({"running": True, "run_state": "running", "progress": 0, "progress_text": "Starting",
                       "status_text": "Starting the engine..."})
@@ -331,6 +456,7 @@ class UNet3DSegmentWebApp(TrameApp):
         job, self._job = self._job, None
         if job is not None:
             job.cancel()
+        self._workers.shutdown(wait=True, cancel_futures=True)
         shutil.rmtree(self._temporary, ignore_errors=True)
 
 

@@ -61,19 +61,20 @@ def _input_section(app: Any) -> None:
     with html.Div(classes="d-flex ga-2 align-center"):
         v3.VFileInput(
             id="upload", label="Upload NRRD / NIfTI / MHA", __properties=["accept"], accept=".nrrd,.nii,.gz,.mha",
-            prepend_icon="mdi-file-upload", density="compact", hide_details=True, disabled=("running",),
+            prepend_icon="mdi-file-upload", density="compact", hide_details=True, disabled=("running || busy",),
             change=on_change,
         )
     v3.VBtn("Load demo MRI", id="load-demo", prepend_icon="mdi-brain", variant="tonal", block=True,
-            click=app.load_demo, disabled=("running",))
+            click=app.load_demo, disabled=("running || busy",))
 
 
 def _model_section(app: Any) -> None:
     html.Div("Model", classes="text-subtitle-2")
-    v3.VCombobox(
-        id="model", v_model=("model_path",), items=("model_items",), return_object=False, label="Model",
-        hint="Choose one, or type the path of a .keras / .h5 file or SavedModel folder on the server",
-        persistent_hint=True, density="compact", disabled=("running",),
+    # A choice list fixed at launch (bundled, --model, --models-dir): the page never names a server path.
+    v3.VSelect(
+        id="model", v_model=("model_path",), items=("model_items",), label="Model",
+        hint="Models offered by this server (start it with --model or --models-dir to add yours)",
+        persistent_hint=True, density="compact", disabled=("running || busy",),
     )
     html.Div("{{ card_title }}", classes="text-body-2 font-weight-bold", v_if="card_title")
     html.Div("{{ card_description }}", classes="text-caption", v_if="card_description")
@@ -115,7 +116,7 @@ def option_control(declared: Option) -> None:
 def _run_section(app: Any) -> None:
     with html.Div(classes="d-flex ga-2"):
         v3.VBtn("Segment", id="segment", color="primary", prepend_icon="mdi-play", click=app.segment,
-                disabled=("running || !volume_name || !!card_error && !card_title",), classes="flex-grow-1")
+                disabled=("running || busy || !volume_name || !!card_error && !card_title",), classes="flex-grow-1")
         v3.VBtn("Cancel", id="cancel", prepend_icon="mdi-stop", click=app.cancel, disabled=("!running",))
     with v3.VProgressLinear(model_value=("progress",), height=22, color="primary", rounded=True,
                             v_show="running || progress > 0"):
