@@ -464,3 +464,16 @@ def test_reliability_table_names_existing_tests_and_every_test_here():
     here = set(re.findall(r"^def (test_\w+)\(", Path(__file__).read_text(encoding="utf-8"), re.M))
     here.discard("test_reliability_table_names_existing_tests_and_every_test_here")
     assert here - {test for file, test in named if file == "Testing/test_bad_input.py"} == set()
+
+
+def test_scaled_nifti_is_read_not_called_truncated(tmp_path: Path):
+    """int16 voxels with scl_slope 2 (as scanners and dcm2niix write): ITK reports float, the file holds int16."""
+    nibabel = pytest.importorskip("nibabel")
+    values = np.arange(20 * 22 * 24, dtype=np.int16).reshape(20, 22, 24) % 300
+    for name in ("scaled.nii", "scaled.nii.gz"):
+        image = nibabel.Nifti1Image(values, np.diag([1.0, 1.5, 2.0, 1.0]))
+        image.header.set_data_dtype(np.int16)
+        image.header.set_slope_inter(2.0, 0.0)
+        nibabel.save(image, str(tmp_path / name))
+        read = sitk.GetArrayFromImage(read_image(tmp_path / name))
+        assert read.shape == (24, 22, 20) and float(read.max()) == 2.0 * values.max()

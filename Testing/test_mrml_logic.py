@@ -27,6 +27,7 @@ from slicer.util import arrayFromVolume
 from UNet3DSegmentLib.client.engine_process import MODULE_DIR
 from UNet3DSegmentLib.base.errors import BadInputError, BadModelError, CancelledError
 from UNet3DSegmentLib.engine.card import load_card
+from UNet3DSegmentLib.mrml.headless import startHeadlessApplication
 from UNet3DSegmentLib.mrml.logic import SegmentationJob, UNet3DSegmentLogic
 
 SLICER_DEFAULT_TERMINOLOGY = (
@@ -75,25 +76,13 @@ STAND_IN_ENGINE = textwrap.dedent(
 
 
 class HeadlessSlicer:
-    """What Slicer's application sets up, done by hand on slicer-core: scene, app logic, module logics."""
+    """What Slicer's application sets up (``mrml/headless.py``), with helpers to load volumes and list nodes."""
 
     def __init__(self) -> None:
-        self.scene = slicer.vtkMRMLScene()
-        self.app_logic = slicer.vtkSlicerApplicationLogic()
-        self.app_logic.SetMRMLScene(self.scene)
-        self.app_logic.GetColorLogic().SetMRMLScene(self.scene)
-        self.app_logic.GetColorLogic().AddDefaultColorNodes()
-        self.logics = {}
-        for name, logic in [
-            ("Segmentations", slicer.vtkSlicerSegmentationsModuleLogic()),
-            ("SubjectHierarchy", slicer.vtkSlicerSubjectHierarchyModuleLogic()),
-            ("Volumes", slicer.vtkSlicerVolumesLogic()),
-        ]:
-            logic.SetMRMLScene(self.scene)
-            logic.SetMRMLApplicationLogic(self.app_logic)
-            self.app_logic.SetModuleLogic(name, logic)
-            self.logics[name] = logic
-        self.slice_composite = self.scene.AddNewNodeByClass("vtkMRMLSliceCompositeNode")
+        self.application = startHeadlessApplication()
+        self.scene = self.application.scene
+        composites = self.scene.GetNodesByClass("vtkMRMLSliceCompositeNode")
+        self.slice_composite = composites.GetItemAsObject(0)
 
     def node_ids(self) -> set[str]:
         return {self.scene.GetNthNode(i).GetID() for i in range(self.scene.GetNumberOfNodes())}

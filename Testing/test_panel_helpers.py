@@ -175,13 +175,14 @@ def test_log_gets_each_stage_and_each_tenth_of_the_patches_not_every_patch():
     assert 9 <= len(inference) <= 12  # about one per tenth, not 100
 
 
-def test_segment_rows_format_colour_and_millilitres():
+def test_segment_rows_take_the_engines_statistics_and_the_cards_colours():
     from UNet3DSegmentLib.client.panel_text import segment_rows
-    from UNet3DSegmentLib.mrml.statistics import SegmentVolume
+    from UNet3DSegmentLib.engine.card import card_from_dict
 
-    rows = segment_rows([SegmentVolume("1", "CSF", (0.29, 0.565, 0.851), 1234, 1.2345),
-                         SegmentVolume("2", "Empty", (1.0, 0.0, 0.0), 0, 0.0)])
-    assert rows == [("CSF", "#4a90d9", "1.23"), ("Empty", "#ff0000", "0.00")]
+    card = card_from_dict(TINY_CARD)
+    statistics = [{"label": 1, "name": "CSF", "voxels": 1234, "volume_ml": 1.2345},
+                  {"label": 3, "name": "White matter", "voxels": 0, "volume_ml": 0.0}]
+    assert segment_rows(statistics, card) == [("CSF", "#4a90d9", "1.23"), ("White matter", "#f5e6a0", "0.00")]
 
 
 def test_torch_is_split_from_the_other_requirements():

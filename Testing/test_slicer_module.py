@@ -104,7 +104,7 @@ def module(standIn):
 @pytest.fixture()
 def panel(standIn, module):
     volume = add_volume()
-    widget = module.UNet3DSegmentWidget()
+    widget = module.UNet3DSegmentWidget(slicer_standins.mrml_widgets.qMRMLWidget())
     widget.setup()
     widget.parent.isEntered = True
     widget.enter()
@@ -370,7 +370,7 @@ def test_under_testing_nothing_is_installed(standIn, monkeypatch, tmp_path):
     standIn.app.testing = True
     module = load_module_file()
     add_volume()
-    widget = module.UNet3DSegmentWidget()
+    widget = module.UNet3DSegmentWidget(slicer_standins.mrml_widgets.qMRMLWidget())
     widget.setup()
     widget.logic.keepEngineWarm = False
     _missing(monkeypatch, ["tensorflow"])
@@ -431,7 +431,7 @@ def test_declined_pytorch_install_is_an_error_naming_the_extension(coldPanel, mo
 
 
 def test_model_buttons_and_a_bad_model_path(coldPanel, tmp_path):
-    panel, ui = coldPanel, coldPanel.ui
+    ui = coldPanel.ui
     bundled = ui.modelPathLineEdit.currentPath
     ui.modelPathLineEdit.currentPath = str(tmp_path / "missing.keras")
     assert "not found" in ui.modelCardLabel.text and not ui.segmentButton.enabled
@@ -469,7 +469,7 @@ def write_card(folder: Path, channels: list[str]) -> Path:
 
 
 def test_one_selector_per_channel_named_by_the_card(coldPanel, tmp_path):
-    panel, ui = coldPanel, coldPanel.ui
+    ui = coldPanel.ui
     ui.modelPathLineEdit.currentPath = str(write_card(tmp_path, ["T1", "FLAIR"]))
     assert [ui.inputVolumeSelector0.visible, ui.inputVolumeSelector1.visible, ui.inputVolumeSelector2.visible] == [
         True, True, False]
@@ -515,7 +515,7 @@ def test_a_renamed_or_retyped_ui_widget_fails_setup(standIn, module, monkeypatch
     path = _ui_with(tmp_path, old, new)
     monkeypatch.setattr(module.UNet3DSegmentWidget, "resourcePath", lambda self, name: str(path.parents[1] / name))
     add_volume()
-    widget = module.UNet3DSegmentWidget()
+    widget = module.UNet3DSegmentWidget(slicer_standins.mrml_widgets.qMRMLWidget())
     with pytest.raises(error):
         widget.setup()
     widget.removeObservers()  # what Slicer's module unloading does; the scene outlives this widget
@@ -563,6 +563,9 @@ def test_real_engine_through_the_panel_stays_warm_for_the_second_run(panel, tmp_
     after = {i: slicer.util.arrayFromSegmentBinaryLabelmap(node, node.GetSegmentation().GetNthSegmentID(i),
                                                             panel.volume).sum() for i in range(3)}
     assert after == before and panel.segmentations() == [node]
+    voxel = float(np.prod(panel.volume.GetSpacing())) / 1000.0  # the table: the engine's own statistics
+    assert [float(row[2]) for row in ui.segmentsTableWidget.cells()] == pytest.approx(
+        [after[i] * voxel for i in range(3)], abs=0.006)
     panel.widget.cleanup()  # module unloaded: the warm engine goes
     assert panel.widget.logic._warmEngine is None
     assert not _alive(first)
@@ -601,3 +604,65 @@ def test_trusting_a_model_is_asked_and_reaches_the_engine(coldPanel, tmp_path):
     assert panel.parameters.trustModel and ui.trustModelCheckBox.checked
     panel.segment_and_wait()
     assert "--trust-model" in engine_argv(tmp_path)[-1]
+
+
+def test_trust_is_never_taken_from_a_scene_and_a_decline_always_reaches_the_node(coldPanel, tmp_path):
+    panel, ui = coldPanel, coldPanel.ui
+    panel.parameters.trustModel = True  # as a loaded scene (or the console) could set it
+    panel.widget.initializeParameterNode()  # what entering the module / loading a scene does
+    assert not panel.parameters.trustModel and not ui.trustModelCheckBox.checked
+    panel.standIn.answers = [False]
+    ui.trustModelCheckBox.click()
+    assert not panel.parameters.trustModel and not ui.trustModelCheckBox.checked
+    panel.segment_and_wait()
+    assert "--trust-model" not in engine_argv(tmp_path)[-1]
+
+
+def test_an_edited_result_is_not_replaced_without_asking(coldPanel):
+    panel, ui = coldPanel, coldPanel.ui
+    panel.segment_and_wait()
+    [node] = panel.segmentations()
+    ui.show3DButton.click()  # building surfaces is not an edit
+    panel.segment_and_wait()
+    assert panel.standIn.called("confirmOkCancelDisplay") == []
+    labelmap = node.GetSegmentation().GetNthSegment(0).GetRepresentation("Binary labelmap")
+    labelmap.Modified()  # what a Segment Editor stroke does to the labelmap
+    panel.standIn.answers = [False]
+    panel.press_segment()
+    assert panel.standIn.called("confirmOkCancelDisplay") == [
+        f"Replace the 3 segments of '{node.GetName()}' with the result?"]
+    assert panel.widget._job is None
+
+
+def test_under_testing_a_replacement_runs_without_a_dialog(standIn, monkeypatch):
+    import slicer
+
+    standIn.app.testing = True
+    module = load_module_file()
+    add_volume()
+    widget = module.UNet3DSegmentWidget(slicer_standins.mrml_widgets.qMRMLWidget())
+    widget.setup()
+    widget.logic.keepEngineWarm = False
+    mine = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLSegmentationNode", "Manual")
+    mine.CreateDefaultDisplayNodes()
+    mine.GetSegmentation().AddEmptySegment("tumour", "tumour")
+    widget.ui.outputSegmentationSelector.userSelects(mine)
+    widget.ui.segmentButton.click()
+    qtStandIn.drive_timers(lambda: widget._job is None, timeout=60)
+    assert mine.GetSegmentation().GetNumberOfSegments() == 3 and standIn.slotErrors() == []
+    widget.cleanup()
+
+
+def test_warm_engine_log_shows_each_runs_own_output_and_an_untied_error_ends_the_run(panel, monkeypatch):
+    ui = panel.ui
+    assert panel.widget.logic.keepEngineWarm
+    panel.segment_and_wait()
+    first = panel.widget.logic._warmEngine.pid
+    panel.segment_and_wait()
+    assert panel.widget.logic._warmEngine.pid == first  # served by the same warm child
+    log = ui.logTextEdit.toPlainText()
+    assert log.count("fake engine: ok run on 1 input(s)") == 1  # this run's output, not the earlier one's
+    panel.widget.logic.shutdownEngine()
+    monkeypatch.setenv("FAKE_ENGINE", "noid")
+    panel.segment_and_wait()  # returns (no 10-minute wait for the idle timeout)
+    assert ui.statusLabel.text == "Failed: request is not JSON; send one object per line"

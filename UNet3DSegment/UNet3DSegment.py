@@ -24,10 +24,10 @@ from UNet3DSegmentLib.client import dependencies, install, panel_text, phantom
 from UNet3DSegmentLib.client.engine_process import slicer_python
 from UNet3DSegmentLib.client.panel_options import choiceEnum, default, options_from_parameters, panel_range
 from UNet3DSegmentLib.mrml.logic import UNet3DSegmentLogic as SegmentationLogicBase
-from UNet3DSegmentLib.mrml.statistics import segmentVolumes
+from UNet3DSegmentLib.mrml.logic import resultFingerprint
 
 MAX_CHANNELS = 4  # input selectors in the panel; the Python API takes any number
-CREATED_BY_ATTRIBUTE = "UNet3DSegment.CreatedBy"  # on segmentations this panel made: re-runs replace them unasked
+RESULT_ATTRIBUTE = "UNet3DSegment.Result"  # on the panel's own result, as left: a re-run replaces it unasked
 LOG_LINES_KEPT = 5000
 SEGMENT_TABLE_HEADERS = ["Segment", "Colour", "Volume (mL)"]
 
@@ -160,6 +160,7 @@ class UNet3DSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def initializeParameterNode(self) -> None:
         self.setParameterNode(self.logic.getParameterNode())
+        self._parameterNode.trustModel = False  # never taken from a loaded scene: asked for in this session
         if str(self._parameterNode.modelPath) in ("", "."):
             bundled = self.logic.bundledModelPath()
             if bundled is not None:
@@ -230,10 +231,11 @@ class UNet3DSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def onTrustModelToggled(self, checked: bool) -> None:
         """Trusting a model is asked for each time it is switched on: a SavedModel is a program."""
-        if checked and not slicer.util.confirmOkCancelDisplay(_(
+        if checked and not _confirm(_(
                 "Trust this model? A trusted SavedModel may run any TensorFlow operation, reading and writing "
                 "files with your rights. Only for models from a source you trust.")):
-            self.ui.trustModelCheckBox.checked = False  # the widget, not the node: its binding reads the widget
+            self._parameterNode.trustModel = False
+            self.ui.trustModelCheckBox.checked = False  # also the widget, whichever of the two Qt updates last
 
     def onOutputChanged(self, node=None) -> None:
         """The Show 3D button follows the chosen output segmentation."""
@@ -270,11 +272,11 @@ class UNet3DSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         """Ask before replacing the segments of a segmentation this panel did not make."""
         if output is None or output.GetSegmentation().GetNumberOfSegments() == 0:
             return True
-        if output.GetAttribute(CREATED_BY_ATTRIBUTE):
-            return True  # a re-run updates the panel's own result
+        if output.GetAttribute(RESULT_ATTRIBUTE) == resultFingerprint(output, self._inputVolumes()[0]):
+            return True  # the panel's own result, unedited, on the same input: a re-run updates it
         question = _("Replace the {count} segments of '{name}' with the result?").format(
             count=output.GetSegmentation().GetNumberOfSegments(), name=output.GetName())
-        return slicer.util.confirmOkCancelDisplay(question)
+        return _confirm(question)
 
     def _ensureDependencies(self, python: Optional[str]) -> bool:
         """Offer to install what Slicer's Python lacks (never at import, never under --testing)."""
@@ -286,7 +288,7 @@ class UNet3DSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if plan.action == "ask":
             torch, others = install.split_torch(plan.requirements)
             installTorch = install.pytorch_extension_installer() if torch else None
-            if not slicer.util.confirmOkCancelDisplay(plan.message):
+            if not _confirm(plan.message):
                 self._log(_("Installation declined: nothing was run."))
                 return False
             self._log(_("Installing {requirements} into Slicer's Python...").format(
@@ -333,19 +335,19 @@ class UNet3DSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 slicer.util.errorDisplay(_("Segmentation failed.") + "\n\n" + str(job.error))
         else:
             node = job.segmentationNode
-            node.SetAttribute(CREATED_BY_ATTRIBUTE, self.moduleName)
+            node.SetAttribute(RESULT_ATTRIBUTE, resultFingerprint(node, job.inputVolume))
             self._parameterNode.outputSegmentation = node  # the selector shows it; a re-run updates it
             self.ui.progressBar.value = 100
             self.ui.statusLabel.text = _("Done: {count} segments in '{name}'.").format(
                 count=node.GetSegmentation().GetNumberOfSegments(), name=node.GetName())
             self.ui.modelPathLineEdit.addCurrentPathToHistory()
-            self._showSegments(node)
+            self._showSegments(node, (job.process.done_event or {}).get("statistics", []), job.card)
         self._log(self.ui.statusLabel.text)
 
-    def _showSegments(self, node) -> None:
-        """The result table (name, colour, mL) and the Show 3D button for ``node`` (None: empty)."""
+    def _showSegments(self, node, statistics=(), card=None) -> None:
+        """The result table (name, colour, mL: the engine's statistics) and Show 3D for ``node`` (None: empty)."""
         table = self.ui.segmentsTableWidget
-        rows = panel_text.segment_rows(segmentVolumes(node)) if node is not None else []
+        rows = panel_text.segment_rows(statistics, card) if node is not None else []
         table.setRowCount(len(rows))
         for index, (name, colour, millilitres) in enumerate(rows):
             colourItem = qt.QTableWidgetItem(colour)
@@ -410,6 +412,11 @@ class UNet3DSegmentLogic(ScriptedLoadableModuleLogic, SegmentationLogicBase):
         install.install_requirements(requirements, slicer.util.pip_install, _pipEnsure(), skipInTesting)
 
 
+def _confirm(question: str) -> bool:
+    """OK/Cancel dialog; under ``--testing`` no dialog and OK (Slicer's own answer there is not OK)."""
+    return slicer.app.testingEnabled() or slicer.util.confirmOkCancelDisplay(question)
+
+
 @contextlib.contextmanager
 def _waitCursor(enabled: bool = True):
     """The wait cursor over a block that shows no dialog (``enabled=False``: the cursor is left alone)."""
@@ -460,6 +467,7 @@ class UNet3DSegmentTest(ScriptedLoadableModuleTest):
             logic.installDependencies(dependencies.requirements_for(missing), skipInTesting=False)
         t1, labels = phantom.brain_phantom()
         volume = slicer.util.addVolumeFromArray(t1, name="PhantomT1")
+        volume.SetOrigin(*[-(n - 1) / 2.0 for n in reversed(t1.shape)])  # centred, as a real header would be
         return logic, python, volume, labels
 
     def test_SegmentPhantomWithBundledModel(self):

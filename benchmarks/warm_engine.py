@@ -45,24 +45,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def headless_scene() -> tuple[Any, list]:
-    """An MRML scene with the application and Segmentations logic a segmentation node needs (slicer-core),
-    and the logics (kept alive by the caller)."""
-    import slicer
+def headless_scene() -> tuple[Any, Any]:
+    """An MRML scene set up as Slicer's start-up would (slicer-core), and the object that keeps it alive."""
+    from UNet3DSegmentLib.mrml.headless import startHeadlessApplication
 
-    scene = slicer.vtkMRMLScene()
-    app_logic = slicer.vtkSlicerApplicationLogic()
-    app_logic.SetMRMLScene(scene)
-    app_logic.GetColorLogic().SetMRMLScene(scene)
-    app_logic.GetColorLogic().AddDefaultColorNodes()
-    keep = [app_logic]
-    for name, logic in [("Segmentations", slicer.vtkSlicerSegmentationsModuleLogic()),
-                        ("SubjectHierarchy", slicer.vtkSlicerSubjectHierarchyModuleLogic())]:
-        logic.SetMRMLScene(scene)
-        logic.SetMRMLApplicationLogic(app_logic)
-        app_logic.SetModuleLogic(name, logic)
-        keep.append(logic)
-    return scene, keep
+    application = startHeadlessApplication()
+    return application.scene, application
 
 
 def demo_volume(scene: Any, folder: Path) -> Any:

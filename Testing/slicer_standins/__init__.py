@@ -90,7 +90,9 @@ def _make_util(real_util: types.ModuleType, state: "StandInSlicer") -> types.Mod
         record("confirmOkCancelDisplay", text)
         record("cursorDepthAtDialog", state.app.cursorDepth)
         if state.app.testing:
-            return True  # Slicer skips the dialog and answers OK under --testing
+            # Slicer skips the dialog under --testing and hands back True, which it then compares with
+            # QMessageBox.Ok: the answer a module gets there is *not* OK (5.8-5.12 util.py).
+            return True == qt_standin.QMessageBox.Ok  # noqa: E712
         if not state.answers:
             raise UnexpectedDialog(f"unexpected confirmation dialog: {text}")
         return state.answers.pop(0)
@@ -157,30 +159,6 @@ def _make_packaging(state: StandInSlicer) -> types.ModuleType:
     return packaging
 
 
-def start_application(scene: Any) -> list:
-    """What Slicer's start-up does for a scene on slicer-core: application logic, colours, module logics.
-
-    The Segmentations module logic registers the representation converters (labelmap, closed
-    surface); without it no segment can be created. Returns the objects to keep alive.
-    """
-    import slicer
-
-    application = slicer.vtkSlicerApplicationLogic()
-    application.SetMRMLScene(scene)
-    application.GetColorLogic().SetMRMLScene(scene)
-    application.GetColorLogic().AddDefaultColorNodes()
-    kept = [application]
-    for name, logic in [("Segmentations", slicer.vtkSlicerSegmentationsModuleLogic()),
-                        ("SubjectHierarchy", slicer.vtkSlicerSubjectHierarchyModuleLogic()),
-                        ("Volumes", slicer.vtkSlicerVolumesLogic())]:
-        logic.SetMRMLScene(scene)
-        logic.SetMRMLApplicationLogic(application)
-        application.SetModuleLogic(name, logic)
-        kept.append(logic)
-    scene.AddNewNodeByClass("vtkMRMLSliceCompositeNode")
-    return kept
-
-
 def install(monkeypatch: Any, line: str, root: Path, testing: bool = False) -> StandInSlicer:
     """Make the Slicer modules importable as Slicer ``line`` provides them; MRML is slicer-core's own."""
     if line not in LINES:
@@ -194,7 +172,9 @@ def install(monkeypatch: Any, line: str, root: Path, testing: bool = False) -> S
     app = App(home, temporary, testing)
     scene = slicer.vtkMRMLScene()
     state = StandInSlicer(line, app, types.ModuleType("slicer.util"), scene)
-    state.application = start_application(scene)
+    from UNet3DSegmentLib.mrml.headless import startHeadlessApplication
+
+    state.application = startHeadlessApplication(scene)
     state.util = util = _make_util(real_util, state)
 
     i18n = types.ModuleType("slicer.i18n")
@@ -211,11 +191,9 @@ def install(monkeypatch: Any, line: str, root: Path, testing: bool = False) -> S
                "slicer.ScriptedLoadableModule": scripted, "slicer.parameterNodeWrapper": wrapper}
     for name, module in modules.items():
         monkeypatch.setitem(sys.modules, name, module)
-    logics = {type(obj).__name__: obj for obj in state.application}
-    modulesNamespace = types.SimpleNamespace(  # slicer.modules.<name>.logic(), as loaded modules offer
-        segmentations=types.SimpleNamespace(logic=lambda: logics["vtkSlicerSegmentationsModuleLogic"]),
-        volumes=types.SimpleNamespace(logic=lambda: logics["vtkSlicerVolumesLogic"]),
-        subjecthierarchy=types.SimpleNamespace(logic=lambda: logics["vtkSlicerSubjectHierarchyModuleLogic"]))
+    modulesNamespace = types.SimpleNamespace(**{  # slicer.modules.<name>.logic(), as loaded modules offer
+        name.lower(): types.SimpleNamespace(logic=lambda name=name: state.application.moduleLogic(name))
+        for name in state.application.moduleLogics})
     for name, value in {"app": app, "mrmlScene": scene, "util": util, "i18n": i18n, "modules": modulesNamespace,
                         "qMRMLWidget": mrml_widgets.qMRMLWidget,
                         "qMRMLNodeComboBox": mrml_widgets.qMRMLNodeComboBox}.items():

@@ -2,7 +2,7 @@
 
 Run as ``PythonSlicer -m UNet3DSegmentLib segment IN... -o OUT ... --progress json``; the scenario comes
 from ``FAKE_ENGINE`` (``ok``, ``slow``, ``hang``, ``bad_input``, ``bad_model``, ``oom``, ``crash``,
-``killed``, ``phantom``, ``selftest``); its argv is appended as one JSON line to ``FAKE_ENGINE_LOG`` when set. ``ok`` writes a
+``killed``, ``phantom``, ``selftest``; ``noid`` for the warm protocol); its argv is appended as one JSON line to ``FAKE_ENGINE_LOG`` when set. ``ok`` writes a
 labelmap on the first input's grid: 0 below the 40th intensity percentile, then classes 1, 2, 3 by
 thirds of the rest.
 """
@@ -55,6 +55,18 @@ def write_labels(source: str, output: str) -> None:
     os.replace(output + ".part.nrrd", output)
 
 
+def statistics(argv: list[str], output: str) -> list:
+    """The engine's own per-class figures of the written labelmap (what its ``done`` event carries)."""
+    import SimpleITK as sitk
+    from UNet3DSegmentLib.engine.card import card_for_model, default_card
+    from UNet3DSegmentLib.engine.statistics import compute_statistics
+
+    model = argv[argv.index("--model") + 1] if "--model" in argv else None
+    card = (card_for_model(model) if model else None) or default_card()
+    labels = sitk.ReadImage(output)
+    return compute_statistics(sitk.GetArrayFromImage(labels), labels.GetSpacing(), card)
+
+
 def write_phantom(source: str, output: str) -> None:
     """The phantom's own reference labels on the input's grid: what a perfect model would return."""
     import SimpleITK as sitk
@@ -100,7 +112,7 @@ def run(scenario: str, argv: list[str], request: dict) -> int:
     emit("postprocess", **request)
     emit("write", message=output, **request)
     (write_phantom if scenario == "phantom" else write_labels)(inputs[0], output)
-    emit("done", 4, 4, output=output, **request)
+    emit("done", 4, 4, output=output, statistics=statistics(argv, output), **request)
     return 0
 
 
@@ -109,6 +121,10 @@ def serve(scenario: str) -> int:
     emit("ready", message="model loaded", pid=os.getpid())
     for line in sys.stdin:
         request = json.loads(line)
+        if scenario == "noid":  # a failure the server cannot tie to the request it was reading
+            emit("error", kind="bad-input", message="request is not JSON; send one object per line", exit_code=3,
+                 id=None)
+            continue
         code = run(scenario, request["argv"], {"id": request["id"]})
         if code == 1:
             emit("error", kind="internal", message="ZeroDivisionError: division by zero", exit_code=1,

@@ -128,7 +128,10 @@ class qMRMLSegmentationShow3DButton(QPushButton):
 
     def setSegmentationNode(self, node: Any) -> None:
         self._node = node
-        self.enabled = node is not None
+        segmentation = node.GetSegmentation() if node is not None else None
+        # As Slicer's: enabled only for a segmentation with segments whose source is not a closed surface
+        self.enabled = bool(segmentation is not None and segmentation.GetNumberOfSegments() > 0
+                            and segmentation.GetSourceRepresentationName() != self.CLOSED_SURFACE)
         present = node is not None and node.GetSegmentation().ContainsRepresentation(self.CLOSED_SURFACE)
         self.blockSignals(True)
         self.checked = present

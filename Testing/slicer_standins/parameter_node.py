@@ -151,7 +151,7 @@ def parameterNodeWrapper(cls: type) -> type:
         mapping = self._guis.pop(tag, None)
         if mapping is None:
             return
-        self.parameterNode.RemoveObserver(mapping.pop("__observer__"))
+        mapping.pop("__observer__")  # Slicer leaves its node observer in place (it then finds no GUI)
         for connector in mapping.values():
             connector.on_changed(None)
 
@@ -209,7 +209,7 @@ class _Connector:
 
 
 class _CheckBox(_Connector):
-    signal = "toggled(bool)"
+    signal = "stateChanged(int)"  # what Slicer's QCheckBox connector listens to (before toggled)
 
     def write(self, value: Any) -> None:
         self.widget.checked = value

@@ -129,6 +129,8 @@ class QAbstractButton(QWidget):
         value = bool(value)
         if value != self._checked:
             self._checked = value
+            if isinstance(self, QCheckBox):
+                self.emit("stateChanged", 2 if value else 0)  # Qt emits it before toggled
             self.emit("toggled", value)
 
     def click(self) -> None:
@@ -292,6 +294,7 @@ class QTableWidget(QWidget):
         QWidget.__init__(self, parent)
         self.rowCount = 0
         self.columnCount = 0
+        self.editTriggers = 0
         self._headers: list[str] = []
         self._cells: dict[tuple[int, int], "QTableWidgetItem"] = {}
 

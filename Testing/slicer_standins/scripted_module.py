@@ -2,7 +2,8 @@
 
 Behaviour emulated from Slicer 5.8-5.12 (Base/Python/slicer/ScriptedLoadableModule.py): every base
 ``__init__`` calls ``super().__init__()`` (so a logic mixin's own ``__init__`` runs); the widget's
-parent is a ``qMRMLWidget`` whose layout receives the panel; ``resourcePath`` is relative to the
+parent is a ``qMRMLWidget`` whose layout receives the panel (a widget made without a parent is set
+up at once, as Slicer does; the module loader passes a parent and calls ``setup`` itself); ``resourcePath`` is relative to the
 module file's ``Resources`` folder; the logic's parameter node is the scene's singleton
 ``vtkMRMLScriptedModuleNode`` tagged with the module name, created on first use.
 """
@@ -50,6 +51,11 @@ class ScriptedLoadableModuleWidget:
         self.moduleName = type(self).__name__.removesuffix("Widget")
         self.parent = parent if parent is not None else qMRMLWidget()
         self.layout = self.parent.layout()
+        if parent is None:  # built by hand, not by the module loader: Slicer sets it up at once
+            import slicer
+
+            self.parent.setMRMLScene(slicer.mrmlScene)
+            self.setup()
 
     def resourcePath(self, filename: str) -> str:
         return _resource(self, filename)

@@ -14,6 +14,7 @@ EXIT_BAD_INPUT = 3
 EXIT_BAD_MODEL = 4
 EXIT_CANCELLED = 5
 EXIT_OUT_OF_MEMORY = 6
+EXIT_SOME_FAILED = 7  # batch: some cases failed (their rows in results.csv say why); the others were written
 
 
 class UNet3DSegmentError(Exception):

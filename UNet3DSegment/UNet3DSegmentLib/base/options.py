@@ -345,6 +345,30 @@ class JobOptions(OptionGroup):
     overwrite: bool = option(False, "replace existing output files")
     progress: str = option("bar", "progress display: terminal bar, JSON lines on stdout, or none",
                            choices=PROGRESS_MODES)
+    statistics: Optional[str] = option(
+        None, "also write per-class figures to this .csv or .json file: voxels, volume in mL, mean and standard "
+        "deviation of each input channel inside the class, mean model confidence", kind=str, metavar="PATH")
+
+
+BATCH_ENGINES = ("local", "ray")
+BATCH_FORMATS = ("seg.nrrd", "nrrd", "nii.gz", "mha", "dicom-seg")
+
+
+@declares
+@dataclass(frozen=True)
+class BatchOptions(OptionGroup):
+    """``batch``: how a cohort is spread over workers and what each case's output file is."""
+
+    engine: str = option("local", "where the cases run: worker processes on this machine, or a Ray cluster "
+                         "(pip install 'unet3dsegment[ray]')", choices=BATCH_ENGINES)
+    address: Optional[str] = option(None, "Ray cluster to join, such as ray://head:10001 or auto (default: start "
+                                    "a local Ray instance); inputs and outputs must be on a filesystem every "
+                                    "node sees", kind=str, metavar="ADDR")
+    workers: int = option(1, "worker processes (local) or Ray actors, each holding one loaded model", minimum=1)
+    gpus_per_worker: float = option(0.0, "GPUs each Ray actor reserves (a fraction shares one GPU)", minimum=0.0)
+    format: str = option("seg.nrrd", "file format of each case's output OUTDIR/<case>.<format> (dicom-seg: "
+                         "<case>.dcm, a DICOM SEG, for DICOM series cases; needs unet3dsegment[dicom])",
+                         choices=BATCH_FORMATS)
 
 
 @declares

@@ -34,7 +34,7 @@ from .arguments import OneLineParser, UsageError, one_line_usage_errors, progres
 from .terminal import make_reporter
 
 PROG = "unet3d-segment"
-COMMAND_MODULES = ["segment", "serve", "train", "demo", "web", "estimate"]
+COMMAND_MODULES = ["segment", "serve", "train", "demo", "web", "estimate", "batch"]
 
 
 def build_parser() -> argparse.ArgumentParser:

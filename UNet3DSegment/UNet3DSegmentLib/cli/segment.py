@@ -19,7 +19,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         "segment",
         help="segment a volume with a model",
         description="Segment INPUT (one file or DICOM folder per model channel) and write a labelmap "
-        "with exactly the input's geometry to OUTPUT (.seg.nrrd, .nrrd, .nii.gz, .nii or .mha).",
+        "with exactly the input's geometry to OUTPUT (.seg.nrrd, .nrrd, .nii.gz, .nii or .mha; .dcm: a "
+        "DICOM SEG referencing the input series, for DICOM input, needs unet3dsegment[dicom]).",
     )
     add_segment_arguments(parser)
     parser.set_defaults(run=run)
@@ -28,11 +29,11 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 def add_segment_arguments(parser: argparse.ArgumentParser) -> None:
     """The arguments of ``segment`` (also those of each ``serve`` request)."""
     parser.add_argument("inputs", nargs="+", metavar="INPUT", help="image file(s) or DICOM folder(s)")
-    parser.add_argument("-o", "--output", required=True, help="output labelmap or .seg.nrrd")
+    parser.add_argument("-o", "--output", required=True, help="output labelmap, .seg.nrrd, or .dcm (DICOM SEG)")
     add_options(parser, JobOptions, only=["model"])
     add_options(parser, SegmentOptions)
     parser.add_argument("--probabilities", metavar="PATH", help="also write class probabilities here")
-    add_options(parser, JobOptions, only=["overwrite", "progress"])
+    add_options(parser, JobOptions, only=["statistics", "overwrite", "progress"])
 
 
 def segment_from_args(args: argparse.Namespace, loaded: Optional[Any] = None) -> Any:
@@ -60,6 +61,7 @@ def segment_from_args(args: argparse.Namespace, loaded: Optional[Any] = None) ->
         probabilities=args.probabilities,
         overwrite=args.overwrite,
         loaded=loaded,
+        statistics=args.statistics,
     )
 
 

@@ -160,7 +160,86 @@ def _signal_name(number: int) -> str:
         return f"signal {number}"
 
 
-class EngineProcess:
+def start_child(command: Sequence[Any], env: Optional[Mapping[str, str]] = None, cwd: Optional[PathLike] = None,
+                stdin: Any = subprocess.DEVNULL) -> subprocess.Popen:
+    """Start ``command`` in a new process group (session on POSIX), text stdout/stderr piped.
+
+    A missing or unusable interpreter is a ``BadInputError`` naming it and what to choose instead.
+    """
+    kwargs: dict[str, Any] = {}
+    if os.name == "nt":
+        kwargs["creationflags"] = subprocess.CREATE_NEW_PROCESS_GROUP | subprocess.CREATE_NO_WINDOW
+    else:
+        kwargs["start_new_session"] = True
+    try:
+        return subprocess.Popen(
+            [str(c) for c in command],
+            stdin=stdin,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            env=None if env is None else dict(env),
+            cwd=None if cwd is None else str(cwd),
+            encoding="utf-8",
+            errors="replace",
+            bufsize=1,
+            **kwargs,
+        )
+    except FileNotFoundError as error:
+        raise BadInputError(
+            f"Python executable {command[0]} not found; choose an existing interpreter "
+            "(Advanced > Python environment) or leave it empty to use Slicer's own"
+        ) from error
+    except OSError as error:
+        raise BadInputError(f"cannot start the engine with {command[0]} ({error}); check that it is a Python "
+                            "executable") from error
+
+
+class ProgressEvents:
+    """The progress events of one run: a queue that ``poll()`` drains, and the last, error and done events.
+
+    Shared by a run in a child of its own (``EngineProcess``) and a request on the warm engine
+    (``warm_engine.WarmRequest``); ``_escalate`` is their hook for a pending cancel.
+    """
+
+    def __init__(self) -> None:
+        self._events: queue.Queue = queue.Queue()
+        self._lock = threading.Lock()
+        self.last_event: Optional[Event] = None
+        self.last_error: Optional[Event] = None
+        self.done_event: Optional[Event] = None
+
+    def _record(self, event: Event) -> None:
+        """Keep ``event`` (from a reader thread) for ``poll()``; remember an error or done event."""
+        with self._lock:
+            self.last_event = event
+            if event.get("stage") == "error":
+                self.last_error = event
+            elif event.get("stage") == "done":
+                self.done_event = event
+        self._events.put(event)
+
+    def _escalate(self) -> None:
+        """After a cancel request: the next step of ending the child, if due (never blocks)."""
+
+    @property
+    def output(self) -> Optional[Path]:
+        """The output path the child reported in its ``done`` event."""
+        if self.done_event and self.done_event.get("output"):
+            return Path(self.done_event["output"])
+        return None
+
+    def poll(self) -> list[Event]:
+        """Progress events received since the last call, oldest first; never blocks."""
+        self._escalate()
+        events = []
+        while True:
+            try:
+                events.append(self._events.get_nowait())
+            except queue.Empty:
+                return events
+
+
+class EngineProcess(ProgressEvents):
     """One running engine child: progress events in, cancel out, error kind at the end.
 
     Use ``EngineProcess.start(command, env=...)``; then call ``poll()`` regularly (it never blocks)
@@ -168,18 +247,14 @@ class EngineProcess:
     """
 
     def __init__(self, popen: subprocess.Popen, command: Sequence[str]) -> None:
+        ProgressEvents.__init__(self)
         self._popen = popen
         self.command = list(command)
-        self._events: queue.Queue = queue.Queue()
         self._stderr: collections.deque = collections.deque(maxlen=STDERR_LINES_KEPT)
         self._stdout_other: collections.deque = collections.deque(maxlen=STDERR_LINES_KEPT)
-        self._lock = threading.Lock()
         self._cancelled = False
         self._kill_deadline: Optional[float] = None
         self._group_killed = False  # after a cancel request: SIGKILL sent, or the whole group was gone
-        self.last_event: Optional[Event] = None
-        self.last_error: Optional[Event] = None
-        self.done_event: Optional[Event] = None
         self._readers = [
             threading.Thread(target=self._read_stdout, args=(popen.stdout,), daemon=True),
             threading.Thread(target=self._read_stderr, args=(popen.stderr,), daemon=True),
@@ -195,33 +270,7 @@ class EngineProcess:
         cwd: Optional[PathLike] = None,
     ) -> EngineProcess:
         """Start ``command`` in a new process group (session on POSIX), stdout/stderr piped."""
-        kwargs: dict[str, Any] = {}
-        if os.name == "nt":
-            kwargs["creationflags"] = subprocess.CREATE_NEW_PROCESS_GROUP | subprocess.CREATE_NO_WINDOW
-        else:
-            kwargs["start_new_session"] = True
-        try:
-            popen = subprocess.Popen(
-                [str(c) for c in command],
-                stdin=subprocess.DEVNULL,
-                stdout=subprocess.PIPE,
-                stderr=subprocess.PIPE,
-                env=None if env is None else dict(env),
-                cwd=None if cwd is None else str(cwd),
-                encoding="utf-8",
-                errors="replace",
-                bufsize=1,
-                **kwargs,
-            )
-        except FileNotFoundError as error:
-            raise BadInputError(
-                f"Python executable {command[0]} not found; choose an existing interpreter "
-                "(Advanced > Python environment) or leave it empty to use Slicer's own"
-            ) from error
-        except OSError as error:
-            raise BadInputError(f"cannot start the engine with {command[0]} ({error}); check that it is a Python "
-                                "executable") from error
-        return cls(popen, command)
+        return cls(start_child(command, env, cwd), command)
 
     # --- reading (worker threads) -------------------------------------------------------------
     def _read_stdout(self, stream: IO[str]) -> None:
@@ -231,13 +280,7 @@ class EngineProcess:
                 if line.strip():
                     self._stdout_other.append(line.rstrip("\n"))
                 continue
-            with self._lock:
-                self.last_event = event
-                if event.get("stage") == "error":
-                    self.last_error = event
-                elif event.get("stage") == "done":
-                    self.done_event = event
-            self._events.put(event)
+            self._record(event)
         stream.close()
 
     def _read_stderr(self, stream: IO[str]) -> None:
@@ -278,23 +321,6 @@ class EngineProcess:
     def stderr_tail(self) -> list[str]:
         """The last lines the child wrote on stderr (and non-JSON lines of stdout)."""
         return list(self._stdout_other) + list(self._stderr)
-
-    @property
-    def output(self) -> Optional[Path]:
-        """The output path the child reported in its ``done`` event."""
-        if self.done_event and self.done_event.get("output"):
-            return Path(self.done_event["output"])
-        return None
-
-    def poll(self) -> list[Event]:
-        """Progress events received since the last call, oldest first; never blocks."""
-        self._escalate()
-        events = []
-        while True:
-            try:
-                events.append(self._events.get_nowait())
-            except queue.Empty:
-                return events
 
     def wait(self, timeout: Optional[float] = None) -> Optional[int]:
         """Block until the child has ended and its output is read; the exit code, or None on timeout.

@@ -110,9 +110,14 @@ def log_line(previous: ProgressView, view: ProgressView, event: dict[str, Any]) 
     return view.status if first or view.percent // 10 != previous.percent // 10 else None
 
 
-def segment_rows(volumes: Sequence[Any]) -> list[tuple[str, str, str]]:
-    """The result table's rows from ``mrml.statistics.segmentVolumes``: name, ``#rrggbb``, mL with 2 decimals."""
-    return [(row.name, row.colorHex, f"{row.millilitres:.2f}") for row in volumes]
+def segment_rows(statistics: Sequence[dict[str, Any]], card: Any) -> list[tuple[str, str, str]]:
+    """The result table's rows from the engine's statistics (``done`` event): name, card colour, mL (2 decimals)."""
+    rows = []
+    for row in statistics:
+        label = int(row["label"])
+        color = card.classes[label].color if 0 <= label < len(card.classes) else "#808080"
+        rows.append((str(row["name"]), color, f"{float(row['volume_ml']):.2f}"))
+    return rows
 
 
 def error_html(error: object) -> str:

@@ -25,7 +25,6 @@ import collections
 import itertools
 import json
 import os
-import queue
 import signal
 import subprocess
 import threading
@@ -37,7 +36,14 @@ from typing import IO, Any, Mapping, Optional, Sequence, Union
 
 from ..base.errors import BadInputError, UNet3DSegmentError
 from ..base.options import Option, SegmentOptions
-from .engine_process import _kill_group, _parse_event, engine_environment, error_for_exit
+from .engine_process import (
+    ProgressEvents,
+    _kill_group,
+    _parse_event,
+    engine_environment,
+    error_for_exit,
+    start_child,
+)
 
 PathLike = Union[str, Path]
 Event = dict[str, Any]
@@ -129,8 +135,8 @@ class _Server:
         self.idle_since = time.monotonic()
         self._lock = threading.Lock()
         self._ids = itertools.count(1)
-        self._stderr: collections.deque = collections.deque(maxlen=STDERR_LINES_KEPT)
-        self._stdout_other: collections.deque = collections.deque(maxlen=STDERR_LINES_KEPT)
+        self._output: collections.deque = collections.deque(maxlen=STDERR_LINES_KEPT)  # (number, line)
+        self._lines = itertools.count()
         self._readers = [
             threading.Thread(target=self._read_stdout, args=(popen.stdout,), daemon=True),
             threading.Thread(target=self._read_stderr, args=(popen.stderr,), daemon=True),
@@ -149,7 +155,21 @@ class _Server:
 
     @property
     def stderr_tail(self) -> list[str]:
-        return list(self._stdout_other) + list(self._stderr)
+        """The child's last stderr lines (and non-JSON stdout lines), start-up included."""
+        return [line for _, line in list(self._output)]
+
+    @property
+    def lines_written(self) -> int:
+        """How many output lines the child has written so far (a request's own lines come after)."""
+        with self._lock:
+            return self._output[-1][0] + 1 if self._output else 0
+
+    def output_since(self, first: int) -> list[str]:
+        return [line for number, line in list(self._output) if number >= first]
+
+    def _keep_line(self, line: str) -> None:
+        with self._lock:
+            self._output.append((next(self._lines), line))
 
     def usable(self, key: EngineKey) -> bool:
         """Alive, for this key, not busy, not cancelled, and not at the end of its idle time."""
@@ -182,10 +202,13 @@ class _Server:
             event = _parse_event(line)
             if event is None:
                 if line.strip():
-                    self._stdout_other.append(line.rstrip("\n"))
+                    self._keep_line(line.rstrip("\n"))
                 continue
             with self._lock:
                 request = self.requests.get(str(event.get("id"))) if event.get("id") is not None else None
+                current = self.current
+            if request is None and event.get("stage") == "error" and current is not None and not current._answered:
+                request = current  # an error the child could not tie to a request (it failed reading it)
             if request is not None:
                 request._receive(event)
                 if request._answered:
@@ -203,7 +226,7 @@ class _Server:
 
     def _read_stderr(self, stream: IO[str]) -> None:
         for line in iter(stream.readline, ""):
-            self._stderr.append(line.rstrip("\n"))
+            self._keep_line(line.rstrip("\n"))
         stream.close()
 
     def signal_group(self, sig: int) -> None:
@@ -251,33 +274,24 @@ class _Server:
             pass
 
 
-class WarmRequest:
+class WarmRequest(ProgressEvents):
     """One segmentation run on a warm child; the interface ``SegmentationJob`` uses from ``EngineProcess``."""
 
     def __init__(self, server: _Server, request_id: str, argv: Sequence[str]) -> None:
+        ProgressEvents.__init__(self)
         self._server = server
+        self._first_line = server.lines_written
         self.request_id = request_id
         self.command = list(argv)
-        self._events: queue.Queue = queue.Queue()
-        self._lock = threading.Lock()
         self._answered = False  # its done or error line arrived
         self._cancelled = False
         self._kill_deadline: Optional[float] = None
         self._group_killed = False
-        self.last_event: Optional[Event] = None
-        self.last_error: Optional[Event] = None
-        self.done_event: Optional[Event] = None
 
     def _receive(self, event: Event) -> None:
-        with self._lock:
-            self.last_event = event
-            if event.get("stage") == "error":
-                self.last_error = event
-                self._answered = True
-            elif event.get("stage") == "done":
-                self.done_event = event
-                self._answered = True
-        self._events.put(event)
+        self._record(event)
+        if event.get("stage") in ("error", "done"):
+            self._answered = True
 
     # --- state ------------------------------------------------------------------------------------
     @property
@@ -309,23 +323,8 @@ class WarmRequest:
 
     @property
     def stderr_tail(self) -> list[str]:
-        return self._server.stderr_tail
-
-    @property
-    def output(self) -> Optional[Path]:
-        if self.done_event and self.done_event.get("output"):
-            return Path(self.done_event["output"])
-        return None
-
-    def poll(self) -> list[Event]:
-        """Progress events received since the last call, oldest first; never blocks."""
-        self._escalate()
-        events = []
-        while True:
-            try:
-                events.append(self._events.get_nowait())
-            except queue.Empty:
-                return events
+        """What the child wrote since this request was sent (all it wrote, if nothing since: a crash at start)."""
+        return self._server.output_since(self._first_line) or self._server.stderr_tail
 
     def wait(self, timeout: Optional[float] = None) -> Optional[int]:
         """Block until ``finished``; the request's exit code, or None on timeout."""
@@ -468,31 +467,7 @@ class WarmEngine:
                env: Mapping[str, str]) -> _Server:
         command = [str(python_executable), "-m", ENGINE_MODULE, "serve", "--model", str(model), *runtime,
                    "--idle-timeout", repr(self.idle_timeout), "--progress", "json"]
-        kwargs: dict[str, Any] = {}
-        if os.name == "nt":
-            kwargs["creationflags"] = subprocess.CREATE_NEW_PROCESS_GROUP | subprocess.CREATE_NO_WINDOW
-        else:
-            kwargs["start_new_session"] = True
-        try:
-            popen = subprocess.Popen(
-                command,
-                stdin=subprocess.PIPE,
-                stdout=subprocess.PIPE,
-                stderr=subprocess.PIPE,
-                env=dict(env),
-                encoding="utf-8",
-                errors="replace",
-                bufsize=1,
-                **kwargs,
-            )
-        except FileNotFoundError as error:
-            raise BadInputError(
-                f"Python executable {python_executable} not found; choose an existing interpreter "
-                "(Advanced > Python environment) or leave it empty to use Slicer's own"
-            ) from error
-        except OSError as error:
-            raise BadInputError(f"cannot start the engine with {python_executable} ({error}); check that it is a "
-                                "Python executable") from error
+        popen = start_child(command, env, stdin=subprocess.PIPE)
         server = _Server(popen, key, self.idle_timeout)
         self._box["server"] = server
         return server

@@ -152,6 +152,54 @@ class NetworkSpec:
 
 
 @dataclass(frozen=True)
+class InputExpectation:
+    """What inputs the model was made for (the card's optional ``input.expect``), checked before inference.
+
+    A mismatch never stops a run: ``engine/input_checks.py`` compares the input with this and the
+    pipeline reports each mismatch as a ``warning`` event naming the remedy.
+
+    - ``modality``: free text used in the warnings (``"T1-weighted MRI"``).
+    - ``skull_stripped``: the input must show the brain alone (foreground at most ``foreground_ml``'s
+      upper bound, default ``SKULL_STRIPPED_MAX_ML``).
+    - ``background_zero``: voxels outside the object are exactly 0; at least ``min_zero_fraction`` of
+      the voxels must be 0.
+    - ``foreground_ml``: ``(min, max)`` mL of the foreground (voxels above 10 % of the 99.5th
+      percentile of the non-zero voxels).
+    - ``relative_percentiles``: ``((percentile, min, max), ...)``: percentiles of the foreground
+      divided by its median (scale-free, for MR).
+    - ``intensity_percentiles``: ``((percentile, min, max), ...)``: percentiles of all voxels in the
+      channel's own units (CT: Hounsfield units).
+    - ``spacing``: ``(min, max)`` mm that every axis's spacing must lie in.
+    """
+
+    modality: str = ""
+    skull_stripped: bool = False
+    background_zero: bool = False
+    min_zero_fraction: float = 0.2
+    foreground_ml: Optional[Tuple[float, float]] = None
+    relative_percentiles: Tuple[Tuple[float, float, float], ...] = ()
+    intensity_percentiles: Tuple[Tuple[float, float, float], ...] = ()
+    spacing: Optional[Tuple[float, float]] = None
+
+    def to_dict(self) -> Dict[str, Any]:
+        data: Dict[str, Any] = {}
+        if self.modality:
+            data["modality"] = self.modality
+        data["skull_stripped"] = self.skull_stripped
+        data["background_zero"] = self.background_zero
+        data["min_zero_fraction"] = self.min_zero_fraction
+        if self.foreground_ml is not None:
+            data["foreground_ml"] = list(self.foreground_ml)
+        for key in ("relative_percentiles", "intensity_percentiles"):
+            bounds = getattr(self, key)
+            if bounds:
+                data[key] = {f"{p:g}": [low, high] for p, low, high in bounds}
+        if self.spacing is not None:
+            data["spacing"] = list(self.spacing)
+        return data
+
+
+@dataclass(frozen=True)
 class InputSpec:
     """What the network takes: channel names, patch ``(z, y, x)``, grid and intensity preparation.
 
@@ -165,9 +213,10 @@ class InputSpec:
     orientation: str = NATIVE
     normalization: Normalization = field(default_factory=Normalization)
     crop_to_nonzero: bool = False
+    expect: Optional[InputExpectation] = None  # the card's optional ``input.expect`` section
 
     def to_dict(self) -> Dict[str, Any]:
-        return {
+        data = {
             "channels": list(self.channels),
             "patch_size": list(self.patch_size),
             "spacing": self.spacing if isinstance(self.spacing, str) else list(self.spacing),
@@ -175,6 +224,9 @@ class InputSpec:
             "normalization": self.normalization.to_dict(),
             "crop_to_nonzero": self.crop_to_nonzero,
         }
+        if self.expect is not None:
+            data["expect"] = self.expect.to_dict()
+        return data
 
 
 @dataclass(frozen=True)
@@ -346,7 +398,7 @@ def _parse_input(f: _Fields, value: Any) -> InputSpec:
     value = f.object(
         value, "input",
         required=("channels", "patch_size"),
-        optional=("spacing", "orientation", "normalization", "crop_to_nonzero"),
+        optional=("spacing", "orientation", "normalization", "crop_to_nonzero", "expect"),
     )
     channels = value["channels"]
     if not isinstance(channels, (list, tuple)) or not channels:
@@ -368,7 +420,75 @@ def _parse_input(f: _Fields, value: Any) -> InputSpec:
         orientation=_parse_orientation(f, value.get("orientation", NATIVE)),
         normalization=_parse_normalization(f, value.get("normalization", {"method": "zscore-nonzero"})),
         crop_to_nonzero=crop,
+        expect=_parse_expect(f, value["expect"]) if "expect" in value else None,
     )
+
+
+EXPECT_FIELDS = ("modality", "skull_stripped", "background_zero", "min_zero_fraction", "foreground_ml",
+                 "relative_percentiles", "intensity_percentiles", "spacing")
+SKULL_STRIPPED_MAX_ML = 2400.0  # a brain alone (cerebrospinal fluid included) stays below this
+
+
+def _parse_expect(f: _Fields, value: Any) -> InputExpectation:
+    """``input.expect``: every field optional, each checked with a one-line error naming it."""
+    where = "input.expect"
+    value = f.object(value, where, required=(), optional=EXPECT_FIELDS)
+    flags = {}
+    for key in ("skull_stripped", "background_zero"):
+        flag = value.get(key, False)
+        if not isinstance(flag, bool):
+            raise f.fail(f"{where}.{key}", f"must be true or false, got {_show(flag)}")
+        flags[key] = flag
+    zero = f.number(value.get("min_zero_fraction", 0.2), f"{where}.min_zero_fraction")
+    if not 0.0 <= zero < 1.0:
+        raise f.fail(f"{where}.min_zero_fraction", f"must be >= 0 and < 1, got {_show(value['min_zero_fraction'])}")
+    return InputExpectation(
+        modality=f.text(value.get("modality", ""), f"{where}.modality", allow_empty=True),
+        skull_stripped=flags["skull_stripped"],
+        background_zero=flags["background_zero"],
+        min_zero_fraction=zero,
+        foreground_ml=_parse_range(f, value.get("foreground_ml"), f"{where}.foreground_ml", "mL", positive=False),
+        relative_percentiles=_parse_percentiles(f, value.get("relative_percentiles"),
+                                                f"{where}.relative_percentiles", positive=True),
+        intensity_percentiles=_parse_percentiles(f, value.get("intensity_percentiles"),
+                                                 f"{where}.intensity_percentiles", positive=False),
+        spacing=_parse_range(f, value.get("spacing"), f"{where}.spacing", "mm", positive=True),
+    )
+
+
+def _parse_range(f: _Fields, value: Any, where: str, unit: str, positive: bool) -> Optional[Tuple[float, float]]:
+    """``[min, max]`` with min <= max, both >= 0 (``positive``: > 0); None when absent."""
+    if value is None:
+        return None
+    ok = (isinstance(value, (list, tuple)) and len(value) == 2 and all(_is_number(v) for v in value)
+          and all(v > 0 if positive else v >= 0 for v in value) and value[0] <= value[1])
+    if not ok:
+        sign = "positive" if positive else "non-negative"
+        raise f.fail(where, f"must be [min, max] in {unit}, two {sign} numbers with min <= max, got {_show(value)}")
+    return (float(value[0]), float(value[1]))
+
+
+def _parse_percentiles(f: _Fields, value: Any, where: str, positive: bool) -> Tuple[Tuple[float, float, float], ...]:
+    """``{"1": [min, max], "99": [min, max]}``: percentile (0-100) -> bounds; () when absent."""
+    if value is None:
+        return ()
+    if not isinstance(value, dict) or not value:
+        raise f.fail(where, f'must be a JSON object such as {{"1": [min, max], "99": [min, max]}}, got {_show(value)}')
+    bounds = []
+    for key, pair in value.items():
+        try:
+            percentile = float(key)
+        except ValueError:
+            percentile = float("nan")
+        if not 0.0 <= percentile <= 100.0:  # NaN fails too
+            raise f.fail(f"{where}.{key}", "is not a percentile; use a number from 0 to 100 as the key")
+        ok = (isinstance(pair, (list, tuple)) and len(pair) == 2 and all(_is_number(v) for v in pair)
+              and pair[0] <= pair[1] and (not positive or pair[0] >= 0))
+        if not ok:
+            kind = "two non-negative numbers" if positive else "two numbers"
+            raise f.fail(f"{where}.{key}", f"must be [min, max], {kind} with min <= max, got {_show(pair)}")
+        bounds.append((percentile, float(pair[0]), float(pair[1])))
+    return tuple(sorted(bounds))
 
 
 def _parse_patch(f: _Fields, value: Any) -> Tuple[int, int, int]:

@@ -47,7 +47,8 @@ SegmentClass = Tuple[str, Sequence[float], Optional[str]]
 
 INPUT_SUFFIXES = (".nrrd", ".nhdr", ".nii", ".nii.gz", ".mha", ".mhd")
 # Longest first, so that ".seg.nrrd" wins over ".nrrd" and ".nii.gz" over ".gz".
-OUTPUT_SUFFIXES = (".seg.nrrd", ".nii.gz", ".nrrd", ".nii", ".mha")
+# ".dcm": a DICOM SEG, written by engine/dicom_seg.py (DICOM input only; engine/pipeline.py routes it).
+OUTPUT_SUFFIXES = (".seg.nrrd", ".nii.gz", ".nrrd", ".nii", ".mha", ".dcm")
 GRID_TOLERANCE = 1e-4  # relative tolerance when comparing the grids of channels
 
 _INPUT_HINT = "use NRRD (.nrrd/.nhdr), NIfTI (.nii/.nii.gz), MetaImage (.mha/.mhd) or a DICOM folder"
@@ -179,12 +180,14 @@ def _check_claimed_size(path: Path, suffix: str, reader: sitk.ImageFileReader) -
     claimed = math.prod(size) * reader.GetNumberOfComponents() * component_bytes
     shape = "x".join(map(str, size[:3])) + ("" if len(size) == 3 else "x" + "x".join(map(str, size[3:])))
     if suffix in (".nii", ".nii.gz"):
-        holds, offset = _nifti_data_bytes(path)
-        if holds < claimed:
+        holds, offset, stored = _nifti_data_bytes(path)
+        # What the file must hold is the header's own count (dims x bitpix): with scl_slope ITK reports
+        # float voxels while the file stores, say, int16.
+        stored = claimed if stored is None else stored
+        if holds < stored:
             raise BadInputError(
-                f"input {path} is truncated: its header claims {shape} voxels ({format_size(claimed)}) but "
-                f"the file holds {format_size(max(0, holds))} of voxel data after the {offset}-byte header; "
-                f"copy or export it again"
+                f"input {path} is truncated: its header claims {shape} voxels ({stored} bytes) but the file "
+                f"holds {max(0, holds)} bytes of voxel data after the {offset}-byte header; copy or export it again"
             )
     memory = total_memory()
     if memory and claimed > memory:
@@ -194,8 +197,9 @@ def _check_claimed_size(path: Path, suffix: str, reader: sitk.ImageFileReader) -
         )
 
 
-def _nifti_data_bytes(path: Path) -> Tuple[int, int]:
-    """(bytes of voxel data the NIfTI file holds, header size), reading a ``.gz`` as a stream.
+def _nifti_data_bytes(path: Path) -> Tuple[int, int, Optional[int]]:
+    """(bytes of voxel data the NIfTI file holds, header size, bytes its header says it stores), reading a
+    ``.gz`` as a stream; the last is None for a header this does not know.
 
     A gzip stream that ends early or fails its checksum is a truncated file (``BadInputError``).
     """
@@ -219,7 +223,24 @@ def _nifti_data_bytes(path: Path) -> Tuple[int, int]:
     else:
         head, total = _head(path, 544), path.stat().st_size
     offset = _nifti_vox_offset(head)
-    return total - offset, offset
+    return total - offset, offset, _nifti_stored_bytes(head)
+
+
+def _nifti_stored_bytes(head: bytes) -> Optional[int]:
+    """Voxel bytes a NIfTI header declares: product of its dims times ``bitpix`` / 8 (NIfTI-1 or -2)."""
+    for endian in "<>":
+        if len(head) >= 348 and struct.unpack_from(endian + "i", head, 0)[0] == 348:
+            dims = struct.unpack_from(endian + "8h", head, 40)
+            bitpix = struct.unpack_from(endian + "h", head, 72)[0]
+        elif len(head) >= 540 and struct.unpack_from(endian + "i", head, 0)[0] == 540:
+            dims = struct.unpack_from(endian + "8q", head, 16)
+            bitpix = struct.unpack_from(endian + "h", head, 14)[0]
+        else:
+            continue
+        if not 1 <= dims[0] <= 7 or bitpix <= 0 or any(d < 1 for d in dims[1:dims[0] + 1]):
+            return None
+        return math.prod(dims[1:dims[0] + 1]) * bitpix // 8
+    return None
 
 
 def _head(path: Path, count: int) -> bytes:
@@ -522,6 +543,8 @@ def _move_without_replacing(temp: Path, path: Path) -> None:
 
 def write_labelmap(label_image: sitk.Image, path: PathLike, overwrite: bool = False) -> Path:
     """Write a label image (compressed) as the smallest unsigned integer type that holds it."""
+    if path_suffix(path, OUTPUT_SUFFIXES) == ".dcm":  # not a DICOM image of labels: a DICOM SEG
+        raise BadInputError(f"{path} asks for a DICOM SEG; write it with engine.dicom_seg.write_dicom_seg")
     return atomic_write(path, labelmap_writer(label_image), overwrite)
 
 
@@ -658,7 +681,7 @@ def write_probabilities(
 
 def probabilities_writer(probs_zyxk: np.ndarray, reference_image: sitk.Image, path: PathLike) -> Writer:
     """The writer (for :func:`write_outputs`) of :func:`write_probabilities`; checks everything now."""
-    if path_suffix(path, OUTPUT_SUFFIXES) == ".seg.nrrd":
+    if path_suffix(path, OUTPUT_SUFFIXES) in (".seg.nrrd", ".dcm"):
         raise BadInputError(
             f"probabilities cannot be written as a segmentation ({path}); use .nrrd, .nii.gz or .mha"
         )

@@ -33,6 +33,10 @@ class SegmentationResult:
     probabilities: Optional[np.ndarray] = None  # (z, y, x, k) float32 on the input grid
     timings: dict[str, float] = field(default_factory=dict)
     output: Optional[Path] = None
+    # One dict per non-background class (engine/statistics.py): label, name, voxels, volume_ml,
+    # mean_/std_<channel>, confidence. The same figures go to --statistics and the done event.
+    statistics: list = field(default_factory=list)
+    warnings: list = field(default_factory=list)  # the input checks' warnings (engine/input_checks.py)
 
 
 def _needs_resampling(card: Any) -> bool:
@@ -96,6 +100,12 @@ def segment_images(
         )
     timings: dict[str, float] = {}
 
+    from .input_checks import check_images
+
+    input_warnings = check_images(list(images), card)  # never refuses: each mismatch is a warning
+    for message in input_warnings:
+        emitter.emit("warning", message=message, check="input")
+
     start = emitter.seconds
     emitter.emit("preprocess", message="reorienting, resampling, normalising")
     prepared = prepare(list(images), card)
@@ -140,8 +150,11 @@ def segment_images(
     else:
         full_probabilities = None
         label_array = np.empty(prepared.array.shape[:3], dtype=label_dtype(card.num_classes))
+        # The probability of each voxel's label (its maximum), for the confidence in the statistics.
+        own_probability = np.empty(prepared.array.shape[:3], dtype=np.float16)
         for first, slab in slabs:  # the labelmap is built slab by slab: no full probability array
             label_array[first:first + slab.shape[0]] = labels_from_probabilities(slab)
+            own_probability[first:first + slab.shape[0]] = slab.max(axis=-1)
             del slab
         timings["inference"] = emitter.seconds - start
         start = emitter.seconds
@@ -150,6 +163,19 @@ def segment_images(
             label_array = keep_largest_component(label_array)
         labels = prepared.restore_labels(label_array)
     timings["postprocess"] = emitter.seconds - start
+
+    start = emitter.seconds
+    from .statistics import compute_statistics
+
+    statistics = compute_statistics(
+        sitk.GetArrayViewFromImage(labels), labels.GetSpacing(), card,
+        images=[sitk.GetArrayViewFromImage(image) for image in images], probabilities=full_probabilities)
+    if full_probabilities is None:  # confidence on the working grid: the same voxels, reoriented or cropped
+        confidence = compute_statistics(label_array, (1.0, 1.0, 1.0), card, probabilities=own_probability)
+        del own_probability
+        for row, other in zip(statistics, confidence):
+            row["confidence"] = other["confidence"]
+    timings["statistics"] = emitter.seconds - start
     return SegmentationResult(
         labels=labels,
         card=card,
@@ -157,6 +183,8 @@ def segment_images(
         seconds=emitter.seconds,
         probabilities=full_probabilities if keep_probabilities else None,
         timings=timings,
+        statistics=statistics,
+        warnings=input_warnings,
     )
 
 
@@ -170,6 +198,7 @@ def segment_files(
     probabilities: Optional[PathLike] = None,
     overwrite: bool = False,
     loaded: Optional[Any] = None,
+    statistics: Optional[PathLike] = None,
 ) -> SegmentationResult:
     """Read ``inputs`` (one file or DICOM folder per channel), segment, write ``output`` atomically.
 
@@ -195,6 +224,18 @@ def segment_files(
     probabilities_path = check_output_path(probabilities, overwrite) if probabilities else None
     if probabilities_path is not None and probabilities_path == output_path:
         raise BadInputError("--probabilities must name another file than the output")
+    from .statistics import check_statistics_path, statistics_writer
+
+    statistics_path = check_statistics_path(statistics, overwrite) if statistics else None
+    if statistics_path is not None and statistics_path in (output_path, probabilities_path):
+        raise BadInputError("--statistics must name another file than the other outputs")
+    if probabilities_path is not None and probabilities_path.name.lower().endswith(".dcm"):
+        raise BadInputError(f"probabilities cannot be written as DICOM ({probabilities_path}); use .nrrd or .nii.gz")
+    dicom_source = None
+    if output_path.name.lower().endswith(".dcm"):  # DICOM SEG: refuse a non-DICOM input before any work
+        from .dicom_seg import check_dicom_input
+
+        dicom_source = check_dicom_input(inputs)
 
     emitter.emit("load", message="reading input volume(s)")
     images = read_channels([Path(p) for p in inputs])
@@ -227,7 +268,11 @@ def segment_files(
     if probabilities_path is not None:
         outputs.append((probabilities_path,
                         probabilities_writer(result.probabilities, result.labels, probabilities_path)))
-    if output_path.name.lower().endswith(".seg.nrrd"):
+    if dicom_source is not None:
+        from .dicom_seg import dicom_seg_writer
+
+        outputs.append((output_path, dicom_seg_writer(result.labels, dicom_source, output_path, result.card)))
+    elif output_path.name.lower().endswith(".seg.nrrd"):
         classes = [
             (c.name, c.rgb01, c.terminology.to_slicer_string() if c.terminology else None)
             for c in result.card.classes
@@ -235,7 +280,11 @@ def segment_files(
         outputs.append((output_path, segmentation_writer(result.labels, output_path, classes)))
     else:
         outputs.append((output_path, labelmap_writer(result.labels)))
+    if statistics_path is not None:  # written with the other outputs: all of them or none
+        outputs.append((statistics_path, statistics_writer(result.statistics, statistics_path)))
     write_outputs(outputs, overwrite, cancel=cancel)
     result.output = output_path
-    emitter.emit("done", message=f"wrote {output_path}", output=str(output_path), patches=result.patches)
+    extra = {"statistics_file": str(statistics_path)} if statistics_path is not None else {}
+    emitter.emit("done", message=f"wrote {output_path}", output=str(output_path), patches=result.patches,
+                 statistics=result.statistics, warnings=result.warnings, **extra)
     return result

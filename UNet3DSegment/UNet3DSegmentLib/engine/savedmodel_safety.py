@@ -114,6 +114,14 @@ def _check_meta_graph(meta_graph, model: str) -> None:
     saver_nodes.discard("")
     saver_roots: Set[str] = set()
     other_roots: Set[str] = set(meta_graph.object_graph_def.concrete_functions)
+    # The loader also runs functions that object-graph nodes name directly (functions, bare concrete
+    # functions, a resource's initialiser): none of those may use the checkpoint operations.
+    for saved_object in meta_graph.object_graph_def.nodes:
+        kind = saved_object.WhichOneof("kind")
+        if kind == "function":
+            other_roots.update(saved_object.function.concrete_functions)
+        elif kind == "bare_concrete_function":
+            other_roots.add(saved_object.bare_concrete_function.concrete_function_name)
     for node in meta_graph.graph_def.node:
         if node.op not in ALLOWED_OPS | GRAPH_OPS and node.op not in library:
             raise _refuse(model, f"uses the operation {node.op!r} (graph node {node.name})")

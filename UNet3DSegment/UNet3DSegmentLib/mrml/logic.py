@@ -82,6 +82,16 @@ class SegmentationJob:
     def cancelRequested(self) -> bool:
         return self._cancelRequested
 
+    @property
+    def inputVolume(self):
+        """The (first) input volume node: the result's reference geometry."""
+        return self._request["inputVolume"]
+
+    @property
+    def card(self):
+        """The model card the result's segments were named from."""
+        return self._request["card"]
+
     def poll(self) -> bool:
         """Forward new progress events; when the child has ended, import or record the error. Never blocks."""
         if self._finished:
@@ -448,6 +458,18 @@ class UNet3DSegmentLogic:
         composites = self.scene.GetNodesByClass("vtkMRMLSliceCompositeNode")
         for index in range(composites.GetNumberOfItems()):
             composites.GetItemAsObject(index).SetBackgroundVolumeID(inputVolume.GetID())
+
+
+def resultFingerprint(node, inputVolume) -> str:
+    """The input volume and the state of the segments' labelmaps: changes when a result is edited or re-aimed.
+
+    The panel stores it on its own result and replaces that result unasked only while it still matches.
+    """
+    segmentation = node.GetSegmentation()
+    stamps = [segmentation.GetNthSegment(i).GetRepresentation("Binary labelmap")
+              for i in range(segmentation.GetNumberOfSegments())]
+    stamp = max((labelmap.GetMTime() for labelmap in stamps if labelmap is not None), default=0)
+    return f"{inputVolume.GetID() if inputVolume is not None else ''}:{segmentation.GetNumberOfSegments()}:{stamp}"
 
 
 def _readLabelmap(path: Path):

@@ -61,6 +61,21 @@ DEMO_CLASSES = [
 ]
 
 
+# What the demo model expects of its input (engine/input_checks.py warns otherwise): a skull-stripped
+# T1 at about 1 mm with a zero background. Bounds measured on the MNI152 template and its held-out
+# copies (brain 1857-2123 mL; foreground percentiles / median: p1 0.33-0.42, p99 1.27-1.39); the
+# lower volume bound leaves room for the self-test's smaller phantom (394 mL).
+DEMO_EXPECT = {
+    "modality": "T1-weighted MRI",
+    "skull_stripped": True,
+    "background_zero": True,
+    "min_zero_fraction": 0.2,
+    "foreground_ml": [300, 2400],
+    "relative_percentiles": {"1": [0.05, 0.9], "99": [1.1, 2.0]},
+    "spacing": [0.75, 1.5],
+}
+
+
 def demo_card_data(training: Optional[dict] = None) -> dict:
     """The model-card dict of the brain-tissue demo model (network and patch filled in by training)."""
     return {
@@ -83,6 +98,7 @@ def demo_card_data(training: Optional[dict] = None) -> dict:
             "orientation": "native",
             "normalization": {"method": "zscore-nonzero"},
             "crop_to_nonzero": True,
+            "expect": DEMO_EXPECT,
         },
         "classes": DEMO_CLASSES,
         "training": training or {},

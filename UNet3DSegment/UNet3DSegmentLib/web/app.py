@@ -125,6 +125,9 @@ class UNet3DSegmentWebApp(TrameApp):
         self._busy = ""  # what a pending step (demo, upload, starting a run) is doing, "" when none
         self._follower = None
         self._card_request = 0
+        # The last run's engine figures (the done event's "statistics", by segment name) and warnings.
+        self._statistics: dict = {}
+        self._warnings: list = []
 
         register_rca_factories(self.slicer_app.view_manager, self.server)
         self.layout_manager = LayoutManager(self.slicer_app.scene, self.slicer_app.view_manager, self.server)
@@ -304,10 +307,15 @@ class UNet3DSegmentWebApp(TrameApp):
             return
         state = self.state
         tracker = ProgressTracker()
+        self._statistics, self._warnings = {}, []
 
         def on_event(event: dict) -> None:
             view = tracker.update(event)
             state.update({"progress": view.percent, "progress_text": view.bar_text, "status_text": view.status})
+            if event.get("stage") == "warning":  # e.g. the input checks: kept for the final report
+                self._warnings.append(str(event.get("message", "")))
+            elif event.get("stage") == "done":  # the engine's own figures (engine/statistics.py)
+                self._statistics = {row.get("name"): row for row in event.get("statistics") or []}
 
         try:
             model = self.models.check(state.model_path)
@@ -397,9 +405,10 @@ class UNet3DSegmentWebApp(TrameApp):
             _log.exception("showing the segmentation failed")
             self._report(error=f"the segmentation was created but cannot be shown: {error}")
             return
-        names = ", ".join(s["name"] for s in state.segments)
+        names = ", ".join(s["name"] + (f" {s['volume_text']}" if s.get("volume_text") else "") for s in state.segments)
         state.update({"run_state": "done", "progress": 100, "progress_text": "Done"})
-        self._report(info=f"Done: {names}.")
+        warned = "".join(f" Warning: {message}" for message in self._warnings)
+        self._report(info=f"Done: {names}.{warned}")
 
     def _show_result(self, node) -> None:
         """Surfaces for the 3D view, segments in every view, the segment list filled."""
@@ -425,8 +434,12 @@ class UNet3DSegmentWebApp(TrameApp):
             segment_id = segmentation.GetNthSegmentID(index)
             segment = segmentation.GetSegment(segment_id)
             visible = True if display is None else bool(display.GetSegmentVisibility(segment_id))
+            figures = self._statistics.get(segment.GetName(), {})
+            volume = figures.get("volume_ml")
             segments.append({"id": segment_id, "name": segment.GetName(), "color": _hex(segment.GetColor()),
-                             "visible": visible})
+                             "visible": visible, "volume_ml": volume,
+                             "volume_text": f"{volume:.1f} mL" if isinstance(volume, (int, float)) else "",
+                             "confidence": figures.get("confidence")})
         self.state.segments = segments
 
     def set_segment_visibility(self, segment_id: str, visible: bool) -> None:

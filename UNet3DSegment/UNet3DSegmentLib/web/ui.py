@@ -145,6 +145,7 @@ def _segments_section(app: Any) -> None:
                     )
                     html.Span(classes="u3-swatch", style=("{ background: s.color }",))
                     html.Span("{{ s.name }}", classes="segment-name")
+                    html.Span("{{ s.volume_text }}", classes="segment-volume ml-auto text-caption")
         v3.VBtn("Download .seg.nrrd", id="download", prepend_icon="mdi-download", variant="tonal", block=True,
                 click=f"utils.download(download_name, trigger('{download}'), 'application/octet-stream')")
 
