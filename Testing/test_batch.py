@@ -92,8 +92,8 @@ def test_folder_cohort_rows_volumes_and_grids(cohort, tiny_model_path, tmp_path,
     assert rows["corrupt"]["status"] == "error" and "corrupt.nii.gz" in rows["corrupt"]["message"]
     assert "\n" not in rows["corrupt"]["message"] and rows["corrupt"]["output"] == ""
     header = list(rows["case0"])
-    assert header[:5] == ["case", "status", "output", "seconds", "message"]
-    assert header[5:] == [f"{name} [mL]" for name in CLASSES] + ["confidence"]
+    assert header[:6] == ["case", "status", "output", "seconds", "message", "warnings"]
+    assert header[6:] == [f"{name} [mL]" for name in CLASSES] + ["confidence"]
     for name, image in images.items():
         row = rows[name]
         assert row["status"] == "ok" and row["output"] == str(outdir / f"{name}.seg.nrrd")
@@ -186,7 +186,7 @@ def test_folder_groups_channels_and_dicom(tmp_path) -> None:
     (tmp_path / "ct").mkdir()
     (tmp_path / "ct" / "1.dcm").write_bytes(b"x")
     (tmp_path / "empty").mkdir()
-    cases = discover_cases(tmp_path)
+    cases = discover_cases(tmp_path, ["T1", "T2"])
     assert [(c.name, [p.name for p in c.paths]) for c in cases] == [
         ("a", ["a_0000.nii.gz", "a_0001.nii.gz"]), ("b", ["b.nrrd"]), ("ct", ["ct"])]
 
@@ -315,3 +315,260 @@ def test_dicom_series_cases_to_dicom_seg(tiny_model_path, tmp_path) -> None:
     referenced = {item.ReferencedSOPInstanceUID for item in seg.ReferencedSeriesSequence[0].ReferencedInstanceSequence}
     assert referenced == set(uids)
     assert not (outdir / "plain.dcm").exists()
+
+
+# ---------------------------------------------------------------------------------- review fixes
+def _touch(folder: Path, *names: str) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    for name in names:
+        (folder / name).write_bytes(b"x")
+    return folder
+
+
+def test_channel_suffixes_group_only_exactly_the_models_channels(tmp_path) -> None:
+    """``_NNNN`` files are one case only when the suffixes are exactly 0000..n-1 for an n-channel
+    model; a 1-channel model never groups; plain + suffixed files of one stem are refused; names
+    that differ only in case are duplicates."""
+    from UNet3DSegmentLib.base.errors import BadInputError
+
+    folder = _touch(tmp_path / "a", "p_0000.nrrd", "p_0001.nrrd", "q_0000.nrrd", "q_0002.nrrd", "r_0000.nrrd")
+    two = [(c.name, [p.name for p in c.paths]) for c in discover_cases(folder, ["T1", "T2"])]
+    assert two == [("p", ["p_0000.nrrd", "p_0001.nrrd"]), ("q_0000", ["q_0000.nrrd"]),
+                   ("q_0002", ["q_0002.nrrd"]), ("r_0000", ["r_0000.nrrd"])]
+    one = [c.name for c in discover_cases(folder, ["T1"])]
+    assert one == ["p_0000", "p_0001", "q_0000", "q_0002", "r_0000"]  # two patients never become one case
+    both = _touch(tmp_path / "b", "s.nrrd", "s_0000.nrrd")
+    with pytest.raises(BadInputError, match="both s.nrrd and s_0000.nrrd"):
+        discover_cases(both, ["T1"])
+    with pytest.raises(BadInputError, match="both named"):
+        discover_cases(_touch(tmp_path / "c", "Case.nrrd", "case.mha"), ["T1"])
+
+
+def test_csv_channel_columns_match_ignoring_case_or_are_refused(tmp_path) -> None:
+    """Columns named after the channels in another case and order are matched by name; columns that
+    do not name the channels are refused (never taken in file order)."""
+    from UNet3DSegmentLib.base.errors import BadInputError
+
+    table = tmp_path / "cases.csv"
+    table.write_text("case,flair,t1\ns,f.nrrd,t.nrrd\n")
+    assert [p.name for p in discover_cases(table, ["T1", "FLAIR"])[0].paths] == ["t.nrrd", "f.nrrd"]
+    table.write_text("case,a,b\ns,f.nrrd,t.nrrd\n")
+    with pytest.raises(BadInputError, match="channels are T1, FLAIR; name the columns case, T1, FLAIR"):
+        discover_cases(table, ["T1", "FLAIR"])
+
+
+def test_dying_worker_process_retries_the_running_cases_once(tmp_path, monkeypatch) -> None:
+    """A worker process that dies breaks the pool: the running cases are retried once in a new pool;
+    a case that kills its worker twice is an error row; every other case is ok."""
+    from UNet3DSegmentLib.engine.cases import Case
+    from UNet3DSegmentLib.engine import cohort
+    from UNet3DSegmentLib.engine.cohort import _Book, _run_in_processes
+    from UNet3DSegmentLib.engine.progress import ProgressEmitter
+
+    import batch_fakes
+    import threading
+
+    monkeypatch.setattr(cohort, "_process_init", batch_fakes.init)  # spawned workers import batch_fakes
+    monkeypatch.setattr(cohort, "_process_run", batch_fakes.run)
+
+    cases = [Case(name, ()) for name in ("a", "die", "flaky", "b")]
+    book = _Book(cases, {}, tmp_path / "results.csv", [], ProgressEmitter(None), 2)
+    _run_in_processes(cases, book, (str(tmp_path),), 2, threading.Event())
+    rows = {r["case"]: r for r in book.ordered()}
+    assert {n: r["status"] for n, r in rows.items()} == {"a": "ok", "die": "error", "flaky": "ok", "b": "ok"}
+    assert "died twice" in rows["die"]["message"] and book.retries >= 2
+
+
+def test_workers_with_a_bad_model_exit_4_before_starting_processes(tmp_path, capsys) -> None:
+    folder = tmp_path / "scans"
+    folder.mkdir()
+    import SimpleITK as sitk
+
+    sitk.WriteImage(_image((8, 8, 8), (1.0, 1.0, 1.0), (0.0, 0.0, 0.0), 0), str(folder / "a.nrrd"))
+    model = tmp_path / "broken.keras"
+    model.write_bytes(b"not a zip archive")
+    code = main(["batch", str(folder), "-o", str(tmp_path / "out"), "--model", str(model), "--workers", "2",
+                 "--progress", "none"])
+    error = capsys.readouterr().err.strip().splitlines()
+    assert code == 4 and len(error) == 1 and "broken.keras is not a readable .keras file" in error[0]
+
+
+@pytest.fixture(scope="module")
+def small_cohort(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    folder = tmp_path_factory.mktemp("small") / "scans"
+    _write_folder(folder, count=2, shape=(10, 12, 12))
+    (folder / "corrupt.nii.gz").unlink()
+    return folder
+
+
+def _batch(folder: Path, outdir: Path, model: Path, *extra: str) -> int:
+    return main(["batch", str(folder), "-o", str(outdir), "--model", str(model), "--progress", "none", *extra])
+
+
+def test_resume_recomputes_a_case_whose_output_exists_without_an_ok_row(small_cohort, tiny_model_path,
+                                                                        tmp_path) -> None:
+    """An output whose row is not ok (failed, or lost when a crash came before the table was
+    rewritten) is recomputed on resume, replacing its own output."""
+    outdir = tmp_path / "out"
+    assert _batch(small_cohort, outdir, tiny_model_path) == EXIT_OK
+    table = (outdir / "results.csv").read_text().splitlines()
+    lines = [table[0], table[1].replace(",ok,", ",error,", 1)]  # case0: error row; case1: row lost
+    (outdir / "results.csv").write_text("\n".join(lines) + "\n")
+    assert _batch(small_cohort, outdir, tiny_model_path) == EXIT_OK
+    assert {n: r["status"] for n, r in _rows(outdir).items()} == {"case0": "ok", "case1": "ok"}
+
+
+def test_resume_refuses_another_model_or_options(small_cohort, tiny_model_path, tmp_path, capsys) -> None:
+    """Resume under other options is refused (one line, exit 3) unless --overwrite; an input newer than
+    its output is recomputed."""
+    outdir = tmp_path / "out"
+    assert _batch(small_cohort, outdir, tiny_model_path) == EXIT_OK
+    assert "fingerprint" in json.loads((outdir / "summary.json").read_text())
+    capsys.readouterr()
+    assert _batch(small_cohort, outdir, tiny_model_path, "--overlap", "0.25") == EXIT_BAD_INPUT
+    error = capsys.readouterr().err.strip().splitlines()
+    assert len(error) == 1 and "used another model or other options" in error[0] and "--overwrite" in error[0]
+    assert {r["status"] for r in _rows(outdir).values()} == {"ok"}  # nothing touched
+    later = (outdir / "case0.seg.nrrd").stat().st_mtime_ns + 10 ** 9
+    path = next(small_cohort.glob("case1.*"))
+    old = path.stat().st_mtime_ns
+    os.utime(path, ns=(later, later))
+    try:
+        assert _batch(small_cohort, outdir, tiny_model_path) == EXIT_OK
+        assert {n: r["status"] for n, r in _rows(outdir).items()} == {"case0": "skipped", "case1": "ok"}
+    finally:
+        os.utime(path, ns=(old, old))
+    assert _batch(small_cohort, outdir, tiny_model_path, "--overlap", "0.25", "--overwrite") == EXIT_OK
+
+
+def test_outdir_in_input_or_outputs_over_inputs_are_refused(tmp_path, tiny_model_path, capsys) -> None:
+    import SimpleITK as sitk
+
+    folder = tmp_path / "scans"
+    folder.mkdir()
+    sitk.WriteImage(_image((8, 8, 8), (1.0, 1.0, 1.0), (0.0, 0.0, 0.0), 0), str(folder / "x.nrrd"))
+    before = (folder / "x.nrrd").read_bytes()
+    for outdir in (folder, folder / "out"):
+        capsys.readouterr()
+        assert _batch(folder, outdir, tiny_model_path) == EXIT_BAD_INPUT
+        error = capsys.readouterr().err.strip().splitlines()
+        assert len(error) == 1 and "inside it" in error[0]
+    table = folder / "cases.csv"
+    table.write_text("case,T1\nx,x.nrrd\n")
+    assert _batch(table, folder, tiny_model_path, "--format", "nrrd", "--overwrite") == EXIT_BAD_INPUT
+    assert "would replace an input" in capsys.readouterr().err
+    assert (folder / "x.nrrd").read_bytes() == before and sorted(p.name for p in folder.iterdir()) == \
+        ["cases.csv", "x.nrrd"]
+
+
+def test_unusable_outdir_or_results_table_is_exit_3(small_cohort, tiny_model_path, tmp_path, capsys) -> None:
+    a_file = tmp_path / "file"
+    a_file.write_text("x")
+    assert _batch(small_cohort, a_file, tiny_model_path) == EXIT_BAD_INPUT
+    assert "cannot create the output folder" in capsys.readouterr().err
+    (tmp_path / "out" / "results.csv").mkdir(parents=True)
+    assert _batch(small_cohort, tmp_path / "out", tiny_model_path) == EXIT_BAD_INPUT
+    error = capsys.readouterr().err.strip().splitlines()
+    assert len(error) == 1 and "cannot write" in error[0]
+
+
+def test_input_check_warnings_reach_results_csv(small_cohort, tiny_model_path, tmp_path, monkeypatch) -> None:
+    from UNet3DSegmentLib.engine import pipeline
+
+    original = pipeline.segment_images
+
+    def warned(*args, **kwargs):
+        result = original(*args, **kwargs)
+        result.warnings = ["background is not zero;\nskull-strip it", "second"]
+        return result
+
+    monkeypatch.setattr(pipeline, "segment_images", warned)
+    assert _batch(small_cohort, tmp_path / "out", tiny_model_path) == EXIT_OK
+    assert _rows(tmp_path / "out")["case0"]["warnings"] == "background is not zero; skull-strip it | second"
+
+
+def test_results_table_is_rewritten_at_most_every_interval(tmp_path, monkeypatch) -> None:
+    """A large cohort: results.csv is not rewritten after every case (quadratic), only every
+    SAVE_INTERVAL_S and at the end."""
+    from UNet3DSegmentLib.engine import cohort
+    from UNet3DSegmentLib.engine.cases import Case
+    from UNet3DSegmentLib.engine.progress import ProgressEmitter
+
+    writes: list[int] = []
+    original = cohort.write_results
+    monkeypatch.setattr(cohort, "write_results", lambda path, rows, names: (writes.append(len(rows)),
+                                                                            original(path, rows, names)))
+    cases = [Case(f"c{i}", ()) for i in range(300)]
+    book = cohort._Book(cases, {}, tmp_path / "results.csv", [], ProgressEmitter(None), 1)
+    book.save()
+    for case in cases:
+        book.record({"case": case.name, "status": "ok", "output": "", "seconds": 0.0, "message": ""})
+    assert book.done_count() == 300 and len(writes) <= 4
+    book.save()
+    assert writes[-1] == 300 and len(_rows(tmp_path)) == 300
+
+
+def test_ray_start_keeps_the_sigterm_handler_and_gives_up_on_unplaceable_actors(tmp_path, monkeypatch) -> None:
+    """ray.init replaces SIGTERM's handler: the command's is put back; actors that can never be placed
+    end in one line naming the resources, not a hang."""
+    import threading
+    import types
+
+    from UNet3DSegmentLib.base.errors import BadInputError
+    from UNet3DSegmentLib.engine import ray_engine
+    from UNet3DSegmentLib.engine.cases import Case
+
+    seen: list = []
+
+    class Ref:
+        pass
+
+    class Actor:
+        def __init__(self):
+            self.pid = types.SimpleNamespace(remote=lambda: Ref())
+
+    class ActorClass:
+        def options(self, **kwargs):
+            seen.append(kwargs)
+            return types.SimpleNamespace(remote=lambda *spec: Actor())
+
+    def wait(refs, num_returns=1, timeout=None):
+        seen.append(signal.getsignal(signal.SIGTERM))
+        return [], list(refs)  # never placed
+
+    def get(refs):
+        if refs:
+            raise AssertionError("ray.get of an actor that is never placed waits forever")
+        return []
+
+    errors = types.ModuleType("ray.exceptions")
+    errors.GetTimeoutError = type("GetTimeoutError", (Exception,), {})
+    errors.RayActorError = type("RayActorError", (Exception,), {})
+    errors.RayTaskError = type("RayTaskError", (Exception,), {})
+    fake = types.ModuleType("ray")
+    fake.exceptions = errors
+    fake.is_initialized = lambda: False
+    fake.init = lambda **kwargs: signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    fake.remote = lambda cls: ActorClass()
+    fake.wait, fake.get = wait, get
+    fake.available_resources = lambda: {"CPU": 2.0}
+    fake.kill = fake.shutdown = lambda *args: None
+    monkeypatch.setitem(sys.modules, "ray", fake)
+    monkeypatch.setitem(sys.modules, "ray.exceptions", errors)
+    monkeypatch.setattr(ray_engine, "ACTOR_START_TIMEOUT_S", 0.3, raising=False)
+
+    def handler(signum, frame):
+        pass
+
+    previous = signal.signal(signal.SIGTERM, handler)
+    try:
+        book = types.SimpleNamespace(start=lambda *a, **k: None, record=lambda *a, **k: None)
+        with pytest.raises(BadInputError) as raised:
+            ray_engine.run_on_ray([Case("a", ())], book, ("m",), BatchOptions(engine="ray", gpus_per_worker=1),
+                                  threading.Event(), {})
+        assert signal.getsignal(signal.SIGTERM) is handler
+        assert handler in seen  # restored right after ray.init, while waiting too
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    message = str(raised.value)
+    assert "\n" not in message and "'GPU': 1" in message and "{'CPU': 2.0}" in message

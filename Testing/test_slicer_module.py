@@ -666,3 +666,12 @@ def test_warm_engine_log_shows_each_runs_own_output_and_an_untied_error_ends_the
     monkeypatch.setenv("FAKE_ENGINE", "noid")
     panel.segment_and_wait()  # returns (no 10-minute wait for the idle timeout)
     assert ui.statusLabel.text == "Failed: request is not JSON; send one object per line"
+
+
+def test_input_check_warnings_stay_visible_after_the_run(coldPanel, monkeypatch):
+    monkeypatch.setenv("FAKE_ENGINE", "warn")
+    coldPanel.segment_and_wait()
+    status = coldPanel.ui.statusLabel.text
+    assert status.startswith("Done: 3 segments") and status.endswith(
+        "Warning: channel T1: background is not zero; skull-strip the input")
+    assert "Warning: channel T1: background is not zero" in coldPanel.ui.logTextEdit.toPlainText()

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from UNet3DSegmentLib.training.augmentation import AugmentationConfig, PatchAugmenter
+from UNet3DSegmentLib.training.augmentation import AugmentationConfig, PatchAugmenter, random_background_noise
 from UNet3DSegmentLib.cli.main import main
 from UNet3DSegmentLib.training.datasets import check_labels, find_pairs, load_case, split_pairs
 from UNet3DSegmentLib.base.errors import EXIT_BAD_INPUT, BadInputError
@@ -200,6 +200,67 @@ def test_augmenter_flips_together_and_keeps_background_zero() -> None:
         assert out.dtype == np.float32 and out_labels.sum() == labels.sum()
     unchanged, same = PatchAugmenter(AugmentationConfig(enabled=False))(patch, labels, rng)
     assert unchanged is patch and same is labels
+
+
+def test_background_noise_changes_only_the_background_and_is_seeded() -> None:
+    brain = np.zeros((20, 20, 20), np.float32)
+    brain[5:15, 5:15, 5:15] = 100.0
+    brain[8:12, 8:12, 8:12] = 300.0  # brain mean = (936 x 100 + 64 x 300) / 1000 = 112.8
+    outside = brain == 0
+    out = random_background_noise(brain, np.random.default_rng(4), sigma_range=(0.05, 0.05),
+                                  offset_range=(0.02, 0.02))
+    np.testing.assert_array_equal(out[~outside], brain[~outside])  # brain unchanged
+    assert np.all(out[outside] > 0) and out.dtype == np.float32  # background no longer zero, non-negative
+    # |offset + N(0, sigma)| with offset 2 % and sigma 5 % of the brain's mean (112.8): 2.256 and 5.64
+    assert out[outside].std() == pytest.approx(np.sqrt(5.64 ** 2 + 2.256 ** 2 - out[outside].mean() ** 2), rel=0.05)
+    assert 4.5 < out[outside].mean() < 5.3  # folded normal mean: 4.91
+    np.testing.assert_array_equal(out, random_background_noise(brain, np.random.default_rng(4), (0.05, 0.05),
+                                                                (0.02, 0.02)))
+    assert not np.array_equal(out, random_background_noise(brain, np.random.default_rng(5), (0.05, 0.05),
+                                                            (0.02, 0.02)))
+    assert np.array_equal(brain[outside], np.zeros(outside.sum()))  # the input is not modified
+    # the config's documented defaults: off for user training, sigma <= 8 %, offset <= 2 %
+    config = AugmentationConfig()
+    assert config.background_noise_probability == 0.0
+    assert config.background_noise_sigma == (0.0, 0.08) and config.background_offset == (0.0, 0.02)
+
+
+def test_background_noise_twins_are_an_even_share() -> None:
+    from UNet3DSegmentLib.training.demo import background_noise_twins
+
+    assert background_noise_twins(16, 0.5) == [1, 3, 5, 7, 9, 11, 13, 15]
+    assert background_noise_twins(2, 0.5) == [1]
+    assert background_noise_twins(4, 0.0) == [] and background_noise_twins(3, 1.0) == [0, 1, 2]
+
+
+def test_noisy_background_prepares_like_inference() -> None:
+    """The twin goes through the engine's preprocessing: no crop, z-score over the whole volume."""
+    from UNet3DSegmentLib.training.datasets import prepare_case
+    from UNet3DSegmentLib.training.demo import noisy_background, with_random_background_noise
+
+    array = np.zeros((SIZE, SIZE, SIZE), np.float32)
+    array[6:18, 6:18, 6:18] = 150.0
+    array[9:15, 9:15, 9:15] = 250.0
+    image = sitk.GetImageFromArray(array)
+    labels = sitk.GetImageFromArray((array > 0).astype(np.uint8))
+    model_card = card_from_dict({
+        "format_version": 1, "name": "t", "classes": [{"name": "Background"}, {"name": "Brain"}],
+        "input": {"channels": ["T1"], "patch_size": [16, 16, 16], "normalization": {"method": "zscore-nonzero"},
+                  "crop_to_nonzero": True}})
+    clean = prepare_case("clean", [image], labels, model_card)
+    assert clean.image.shape[:3] == (14, 14, 14)  # cropped to the brain (+1 voxel margin)
+    twin = with_random_background_noise(image, 7, AugmentationConfig(background_noise_sigma=(0.04, 0.04)))
+    noisy = prepare_case("noisy", [twin], labels, model_card)
+    assert noisy.image.shape[:3] == (SIZE,) * 3 and noisy.labels.sum() == clean.labels.sum()
+    twin_array = sitk.GetArrayFromImage(twin)
+    np.testing.assert_array_equal(twin_array[array > 0], array[array > 0])
+    expected = (twin_array - twin_array.mean()) / twin_array.std()
+    np.testing.assert_allclose(noisy.image[..., 0], expected, atol=1e-4)
+    np.testing.assert_array_equal(twin_array, sitk.GetArrayFromImage(
+        with_random_background_noise(image, 7, AugmentationConfig(background_noise_sigma=(0.04, 0.04)))))
+    fixed = sitk.GetArrayFromImage(noisy_background(image, 0.03, seed=1))  # the evaluation's case
+    assert np.all(fixed[array == 0] > 0) and np.array_equal(fixed[array > 0], array[array > 0])
+    assert np.abs(fixed[array == 0]).mean() == pytest.approx(0.03 * 250 * np.sqrt(2 / np.pi), rel=0.1)
 
 
 # ------------------------------------------------------------------------------------- loss, metrics

@@ -338,10 +338,12 @@ class UNet3DSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             node.SetAttribute(RESULT_ATTRIBUTE, resultFingerprint(node, job.inputVolume))
             self._parameterNode.outputSegmentation = node  # the selector shows it; a re-run updates it
             self.ui.progressBar.value = 100
+            done = job.process.done_event or {}
             self.ui.statusLabel.text = _("Done: {count} segments in '{name}'.").format(
-                count=node.GetSegmentation().GetNumberOfSegments(), name=node.GetName())
+                count=node.GetSegmentation().GetNumberOfSegments(), name=node.GetName()) + "".join(
+                " " + _("Warning: {text}").format(text=text) for text in done.get("warnings", []))
             self.ui.modelPathLineEdit.addCurrentPathToHistory()
-            self._showSegments(node, (job.process.done_event or {}).get("statistics", []), job.card)
+            self._showSegments(node, done.get("statistics", []), job.card)
         self._log(self.ui.statusLabel.text)
 
     def _showSegments(self, node, statistics=(), card=None) -> None:

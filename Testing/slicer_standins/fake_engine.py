@@ -2,7 +2,7 @@
 
 Run as ``PythonSlicer -m UNet3DSegmentLib segment IN... -o OUT ... --progress json``; the scenario comes
 from ``FAKE_ENGINE`` (``ok``, ``slow``, ``hang``, ``bad_input``, ``bad_model``, ``oom``, ``crash``,
-``killed``, ``phantom``, ``selftest``; ``noid`` for the warm protocol); its argv is appended as one JSON line to ``FAKE_ENGINE_LOG`` when set. ``ok`` writes a
+``killed``, ``phantom``, ``selftest``, ``warn`` (an input-check warning); ``noid`` for the warm protocol); its argv is appended as one JSON line to ``FAKE_ENGINE_LOG`` when set. ``ok`` writes a
 labelmap on the first input's grid: 0 below the 40th intensity percentile, then classes 1, 2, 3 by
 thirds of the rest.
 """
@@ -112,7 +112,10 @@ def run(scenario: str, argv: list[str], request: dict) -> int:
     emit("postprocess", **request)
     emit("write", message=output, **request)
     (write_phantom if scenario == "phantom" else write_labels)(inputs[0], output)
-    emit("done", 4, 4, output=output, statistics=statistics(argv, output), **request)
+    warnings = ["channel T1: background is not zero; skull-strip the input"] if scenario == "warn" else []
+    for text in warnings:
+        emit("warning", message=text, check="input", **request)
+    emit("done", 4, 4, output=output, statistics=statistics(argv, output), warnings=warnings, **request)
     return 0
 
 

@@ -3,7 +3,8 @@
 The work is ``engine/cohort.py`` ``segment_cohort`` (``engine/ray_engine.py`` for ``--engine ray``);
 this module derives the flags from the declarations (``SegmentOptions``, ``BatchOptions``,
 ``JobOptions``) and maps the outcome to an exit code: 0 every case ok (or done earlier), 7 some
-failed (results.csv says why), 5 cancelled (the table lists what is done; run again to resume).
+failed (results.csv says why), 5 cancelled (finished cases are kept and the table lists them; run
+again to resume), 3 bad INPUT/OUTDIR or a resume under another model or options, 4 bad model.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         "groups and DICOM series folders are cases; or a CSV with a 'case' column and one column per "
         "model channel) into OUTDIR/<case>.<format>, with OUTDIR/results.csv (status, volumes in mL, "
         "confidence per case) and OUTDIR/summary.json. Cases already done are skipped unless --overwrite. "
-        "Exit code 0: all cases ok; 7: some failed; 5: cancelled.",
+        "Exit code 0: all cases ok; 7: some failed; 5: cancelled (finished cases are kept).",
     )
     parser.add_argument("input", metavar="INPUT", help="folder of scans, or CSV with case and channel columns")
     parser.add_argument("-o", "--output", required=True, metavar="OUTDIR", help="output folder (created if needed)")
@@ -35,7 +36,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     add_options(parser, SegmentOptions)
     add_options(parser, JobOptions, only=["overwrite", "progress"],
                 overwrite={"help": "recompute every case and replace its output (default: resume, skipping "
-                           "cases whose output exists and whose results.csv row says ok)"})
+                           "cases whose output exists, is newer than its inputs and whose results.csv row "
+                           "says ok; refused if the earlier run used another model or options)"})
     parser.set_defaults(run=run)
 
 

@@ -18,6 +18,7 @@ from ..base.options import SegmentOptions
 from .cases import Case
 
 CONFIDENCE_COLUMN = "confidence"
+WARNINGS_COLUMN = "warnings"  # the input checks' warnings of a case, " | " between them, one line
 Row = dict
 
 
@@ -101,7 +102,8 @@ class CaseWorker:
         from .image_io import check_output_path, read_channels
         from .pipeline import segment_images
 
-        output = check_output_path(output, self.overwrite)
+        overwrite = self.overwrite or case.replace  # resume: a recomputed case replaces its own output
+        output = check_output_path(output, overwrite)
         dicom_source = None
         if output.name.lower().endswith(".dcm"):  # DICOM SEG: a non-DICOM case fails before any work
             from .dicom_seg import check_dicom_input
@@ -112,8 +114,10 @@ class CaseWorker:
         result = segment_images(list(images), self.loaded, self.options, cancel=cancel)
         if cancel is not None and cancel.is_set():
             raise CancelledError("cancelled before writing; nothing was written")
-        write_result(result, output, self.overwrite, cancel, dicom_source)
-        return case_figures(result)
+        write_result(result, output, overwrite, cancel, dicom_source)
+        figures = case_figures(result)
+        figures[WARNINGS_COLUMN] = " | ".join(" ".join(str(w).split()) for w in getattr(result, "warnings", None) or [])
+        return figures
 
 
 def case_figures(result: Any) -> Row:

@@ -2,9 +2,13 @@
 
 - A folder: every image file is a case (``.nrrd``, ``.nhdr``, ``.nii``, ``.nii.gz``, ``.mha``,
   ``.mhd``); nnU-Net-style channel suffixes ``<case>_0000``, ``<case>_0001`` ... group the channels
-  of one case, in suffix order; every sub-folder holding DICOM files is one case (one series).
-- A CSV file with a ``case`` column and one column per model channel (the card's channel names, or,
-  when they do not match, every other column in file order); relative paths are relative to the CSV.
+  of one case, in suffix order, only when a stem's suffixes are exactly ``0000`` .. ``n-1`` with ``n``
+  the model's channel count (a 1-channel model never groups; any other set of suffixes: each file is
+  its own case); a stem with both a plain and a suffixed file is refused. Every sub-folder holding
+  DICOM files is one case (one series).
+- A CSV file with a ``case`` column and one column per model channel, named after the card's channels
+  (case ignored); with one channel, a single other column is taken whatever its name; otherwise names
+  that do not match are refused (never file order). Relative paths are relative to the CSV.
 
 Nothing is read here but names: a corrupt file is found when its case runs (and fails alone).
 """
@@ -31,6 +35,7 @@ class Case:
 
     name: str
     paths: tuple[Path, ...]
+    replace: bool = False  # resume: the case is recomputed and may replace its own earlier output
 
 
 def _stem(path: Path) -> str:
@@ -58,10 +63,11 @@ def safe_case_name(name: str) -> str:
     return cleaned or "case"
 
 
-def cases_in_folder(folder: PathLike) -> list[Case]:
-    """The cases of a folder (see the module docstring), sorted by name."""
+def cases_in_folder(folder: PathLike, channel_count: int = 1) -> list[Case]:
+    """The cases of a folder (see the module docstring), sorted by name; ``channel_count``: the model's."""
     folder = Path(folder)
     groups: dict[str, list[tuple[int, Path]]] = {}
+    suffixed: dict[str, list[tuple[int, Path]]] = {}
     for path in sorted(folder.iterdir()):
         if path.name.startswith("."):
             continue  # hidden files (our own temporaries among them)
@@ -74,9 +80,19 @@ def cases_in_folder(folder: PathLike) -> list[Case]:
         stem = _stem(path)
         match = _CHANNEL.match(stem)
         if match:
-            groups.setdefault(match["case"], []).append((int(match["channel"]), path))
+            suffixed.setdefault(match["case"], []).append((int(match["channel"]), path))
         else:
             groups.setdefault(stem, []).append((0, path))
+    for stem, members in suffixed.items():
+        if stem in groups:
+            raise BadInputError(f"{folder} holds both {groups[stem][0][1].name} and {members[0][1].name}: "
+                                f"one case or two? rename one of them")
+        numbers = sorted(n for n, _ in members)
+        if channel_count > 1 and numbers == list(range(channel_count)):
+            groups[stem] = members  # the channels of one case
+        else:  # not exactly 0000..n-1 for this model: each file is its own case
+            for _, path in members:
+                groups.setdefault(_stem(path), []).append((0, path))
     cases = []
     for name, members in sorted(groups.items()):
         members.sort()
@@ -100,8 +116,12 @@ def cases_in_csv(table: PathLike, channels: Optional[Sequence[str]] = None) -> l
     if "case" not in columns:
         raise BadInputError(f"case table {table} has no 'case' column; its columns: {', '.join(columns) or 'none'}")
     others = [c for c in columns if c != "case"]
-    if channels and all(c in others for c in channels):
-        chosen = list(channels)
+    by_name = {c.strip().casefold(): c for c in others}
+    if channels and all(c.strip().casefold() in by_name for c in channels):
+        chosen = [by_name[c.strip().casefold()] for c in channels]
+    elif channels and len(channels) > 1:
+        raise BadInputError(f"case table {table} has columns {', '.join(others) or 'none'} but the model's "
+                            f"channels are {', '.join(channels)}; name the columns case, {', '.join(channels)}")
     else:
         chosen = others
     if not chosen:
@@ -129,10 +149,10 @@ def cases_in_csv(table: PathLike, channels: Optional[Sequence[str]] = None) -> l
 
 
 def discover_cases(source: PathLike, channels: Optional[Sequence[str]] = None) -> list[Case]:
-    """The cases of a folder or CSV file (``channels``: the model's channel names, for a CSV)."""
+    """The cases of a folder or CSV file (``channels``: the model's channel names)."""
     source = Path(source)
     if source.is_dir():
-        return cases_in_folder(source)
+        return cases_in_folder(source, len(channels) if channels else 1)
     if source.is_file() and source.suffix.lower() == ".csv":
         return cases_in_csv(source, channels)
     if not source.exists():
@@ -143,6 +163,8 @@ def discover_cases(source: PathLike, channels: Optional[Sequence[str]] = None) -
 def _check_unique(cases: Sequence[Case], where: str) -> None:
     seen: dict[str, Case] = {}
     for case in cases:
-        if case.name in seen:
-            raise BadInputError(f"two cases in {where} are both named {case.name!r}; rename one")
-        seen[case.name] = case
+        key = case.name.casefold()  # outputs differing only in case collide on macOS/Windows
+        if key in seen:
+            raise BadInputError(f"two cases in {where} are both named {case.name!r}"
+                                f"{'' if seen[key].name == case.name else f' / {seen[key].name!r}'}; rename one")
+        seen[key] = case

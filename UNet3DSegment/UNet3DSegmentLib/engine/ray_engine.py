@@ -13,6 +13,10 @@ Ray is optional (``pip install 'unet3dsegment[ray]'``) and imported only here, i
   concurrent calls (``run`` and ``cancel``).
 - A worker that dies (killed, out of host memory, node lost) is replaced by a fresh actor and its
   case is retried once, on another actor; a second death of the same case is that case's error row.
+- Start-up: ``ray.init`` installs its own SIGTERM handler; the command's (cancel) is put back right
+  after it and at the end. The driver waits for the actors in short steps, checking cancel, and
+  gives up after ``ACTOR_START_TIMEOUT_S`` with one line naming the resources asked for and
+  ``ray.available_resources()`` (actors that can never be placed would otherwise wait forever).
 - Cancel: every busy actor is asked to stop between batches (its temporaries are removed, nothing
   half-written), the finished rows are kept, and the actors are ended.
 """
@@ -20,7 +24,9 @@ Ray is optional (``pip install 'unet3dsegment[ray]'``) and imported only here, i
 from __future__ import annotations
 
 import os
+import signal
 import threading
+import time
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
@@ -29,6 +35,17 @@ from ..base.options import BatchOptions
 from .cases import Case
 
 INSTALL_HINT = "pip install 'unet3dsegment[ray]'"
+ACTOR_START_TIMEOUT_S = 60.0  # how long the actors may take to be placed and load the model
+
+
+def _restore_sigterm(handler: Any) -> None:
+    if handler is None or threading.current_thread() is not threading.main_thread():
+        return
+    try:
+        if signal.getsignal(signal.SIGTERM) is not handler:
+            signal.signal(signal.SIGTERM, handler)
+    except (ValueError, OSError, TypeError):
+        pass
 
 
 def import_ray() -> Any:
@@ -56,12 +73,16 @@ def run_on_ray(todo: Sequence[Case], book: Any, spec: tuple, batch: BatchOptions
     from .case_worker import CaseWorker, describe_failure
 
     started_here = not ray.is_initialized()
+    sigterm = signal.getsignal(signal.SIGTERM)  # ray.init replaces it: the command's cancel would be lost
     if started_here:
         kwargs: dict = {"address": batch.address, "log_to_driver": False, "runtime_env": _runtime_env()}
         if not batch.address:  # a local instance of our own (joining a cluster takes no such arguments)
             kwargs["include_dashboard"] = False
         kwargs.update(ray_init)
-        ray.init(**kwargs)
+        try:
+            ray.init(**kwargs)
+        finally:
+            _restore_sigterm(sigterm)
     actor_class = ray.remote(CaseWorker)
     pids: dict[Any, Any] = {}
 
@@ -78,13 +99,10 @@ def run_on_ray(todo: Sequence[Case], book: Any, spec: tuple, batch: BatchOptions
         except RayActorError:
             return None
 
-    actors = [new_actor() for _ in range(batch.workers)]
     book.retries = 0
     try:
-        try:  # every actor has loaded its model: a bad model is one error, not a failure per case
-            ray.get(list(pids.values()))
-        except RayActorError as error:
-            raise BadModelError(f"a Ray worker could not start: {_one_line(error)}") from error
+        actors = [new_actor() for _ in range(batch.workers)]
+        _wait_for_actors(ray, list(pids.values()), batch, cancel, RayActorError)
         idle = list(actors)
         queue: list[tuple[Case, int]] = [(case, 0) for case in todo]
         running: dict[Any, tuple[Any, Case, int]] = {}
@@ -136,8 +154,34 @@ def run_on_ray(todo: Sequence[Case], book: Any, spec: tuple, batch: BatchOptions
                 pass
         if started_here:
             ray.shutdown()
+        _restore_sigterm(sigterm)
     if cancel.is_set():
         raise CancelledError("cancelled")
+
+
+def _wait_for_actors(ray: Any, refs: list, batch: BatchOptions, cancel: threading.Event,
+                     actor_error: type) -> None:
+    """Every actor has loaded its model (a bad model is one error, not a failure per case); waits in
+    short steps (cancel is honoured) and at most ``ACTOR_START_TIMEOUT_S``."""
+    deadline = time.monotonic() + ACTOR_START_TIMEOUT_S
+    pending = list(refs)
+    while pending:
+        if cancel.is_set():
+            raise CancelledError("cancelled while the Ray workers were starting")
+        ready, pending = ray.wait(pending, num_returns=len(pending), timeout=0.5)
+        try:
+            ray.get(list(ready))
+        except actor_error as error:
+            raise BadModelError(f"a Ray worker could not start: {_one_line(error)}") from error
+        if pending and time.monotonic() >= deadline:
+            try:
+                available = ray.available_resources()
+            except Exception:  # noqa: BLE001 - only for the message
+                available = "unknown"
+            raise BadInputError(
+                f"{len(pending)} of {len(refs)} Ray worker(s) did not start within {ACTOR_START_TIMEOUT_S:g} s; "
+                f"each asks for {{'CPU': 1, 'GPU': {batch.gpus_per_worker:g}}} and the cluster has {available} "
+                f"available; lower --workers or --gpus-per-worker, or add nodes")
 
 
 def _one_line(error: BaseException) -> str:

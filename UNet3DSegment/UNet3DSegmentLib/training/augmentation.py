@@ -118,6 +118,30 @@ def add_noise(array: np.ndarray, rng: np.random.Generator, sigma: float, mask=No
     return (array + noise).astype(np.float32)
 
 
+def random_background_noise(
+    array: np.ndarray,
+    rng: np.random.Generator,
+    sigma_range: tuple[float, float] = (0.0, 0.08),
+    offset_range: tuple[float, float] = (0.0, 0.02),
+) -> np.ndarray:
+    """Fill the background of a raw image (voxels exactly 0) with ``|offset + N(0, sigma)|``.
+
+    ``sigma`` and ``offset`` are drawn uniformly from their ranges, in units of the mean of the non-zero
+    (brain) voxels; non-zero voxels are left unchanged. The absolute value mimics the non-negative
+    (Rician) background of a magnitude MR image. Apply it to the raw image *before* the engine's
+    preprocessing: a non-zero background changes ``zscore-nonzero``'s statistics and removes
+    ``crop_to_nonzero``'s crop, which is exactly what a model sees at inference on such an image.
+    """
+    out = np.asarray(array, dtype=np.float32).copy()
+    background = out == 0
+    foreground = out[~background]
+    level = float(np.abs(foreground).mean()) if foreground.size else 1.0
+    sigma = float(rng.uniform(*sigma_range)) * level
+    offset = float(rng.uniform(*offset_range)) * level
+    out[background] = np.abs(offset + rng.normal(0.0, sigma, size=int(background.sum()))).astype(np.float32)
+    return out
+
+
 @dataclass(frozen=True)
 class AugmentationConfig:
     """Probabilities and ranges of the per-patch augmentations (all off when ``enabled`` is False)."""
@@ -134,6 +158,14 @@ class AugmentationConfig:
     noise_sigma: tuple[float, float] = (0.0, 0.1)
     bias_probability: float = 0.2
     bias_strength: float = 0.3
+    # Volume level, on raw images before preprocessing (``random_background_noise``), not per patch:
+    # the share of training volumes that also enter training with their zero background replaced by
+    # |offset + noise| (sigma and offset in units of the brain's mean intensity), so that a noisy
+    # background is not mistaken for tissue. ``PatchAugmenter`` ignores these fields; the demo model's
+    # training (scripts/train_demo_model.py, ``demo.background_noise_cases``) applies them.
+    background_noise_probability: float = 0.0
+    background_noise_sigma: tuple[float, float] = (0.0, 0.08)
+    background_offset: tuple[float, float] = (0.0, 0.02)
 
 
 class PatchAugmenter:

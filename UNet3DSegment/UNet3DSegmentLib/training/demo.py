@@ -17,6 +17,12 @@ outside the moved mask, so label and image boundaries agree. Then a smooth
 multiplicative bias field, a gamma contrast change, a global intensity scale, and Gaussian noise inside
 the brain, all drawn from ``numpy.random.default_rng(seed)``. Training, validation and evaluation use disjoint seed
 ranges (``TRAIN_SEEDS``, ``VALIDATION_SEEDS``, ``EVALUATION_SEEDS``).
+
+Background noise: a copy may also enter training with its zero background replaced by random
+``|offset + noise|`` (``with_random_background_noise``, the augmentation's ``background_noise_*``
+fields), on the raw image, before the engine's preprocessing. ``evaluate_demo_model`` measures Dice on
+the template and the held-out copies as they are and with a fixed 3 % background noise
+(``noisy_background``).
 """
 
 from __future__ import annotations
@@ -195,6 +201,121 @@ def transformed_copy(t1: Any, gm: Any, wm: Any, seed: int) -> tuple[Any, Any]:
     image = sitk.GetImageFromArray(array)
     image.CopyInformation(t1)
     return image, labels
+
+
+# --------------------------------------------------------------------------------------------------
+# Background noise: training twins and the held-out evaluation
+
+NOISY_BACKGROUND_LEVEL = 0.03  # the evaluation's noise: |N(0, 3 % of the image maximum)| outside the brain
+
+
+def noisy_background(image: Any, level: float = NOISY_BACKGROUND_LEVEL, seed: int = 0) -> Any:
+    """``image`` with its zero background replaced by ``|N(0, level x image max)|`` (seeded).
+
+    The evaluation's fixed case (the issue's "3 % noise outside the brain"); the brain is unchanged.
+    """
+    import SimpleITK as sitk
+
+    array = sitk.GetArrayFromImage(image).astype(np.float32)
+    outside = array == 0
+    rng = np.random.default_rng([seed, 30_011])
+    array[outside] = np.abs(rng.normal(0.0, level * float(array.max()), int(outside.sum()))).astype(np.float32)
+    noisy = sitk.GetImageFromArray(array)
+    noisy.CopyInformation(image)
+    return noisy
+
+
+def with_random_background_noise(image: Any, seed: int, config: Any) -> Any:
+    """``image`` with ``augmentation.random_background_noise`` (``config``'s sigma/offset ranges, seeded)."""
+    import SimpleITK as sitk
+
+    from .augmentation import random_background_noise
+
+    rng = np.random.default_rng([seed, 40_009])
+    array = random_background_noise(sitk.GetArrayFromImage(image), rng, tuple(config.background_noise_sigma),
+                                    tuple(config.background_offset))
+    noisy = sitk.GetImageFromArray(array)
+    noisy.CopyInformation(image)
+    return noisy
+
+
+def background_noise_twins(count: int, probability: float) -> list[int]:
+    """Indices (of ``count`` training volumes) that also enter training with a noisy background.
+
+    Deterministic, spread evenly: index ``i`` is chosen when ``floor((i + 1) p) > floor(i p)``, so
+    exactly ``floor(count p)`` volumes are (every second one for p = 0.5).
+    """
+    return [i for i in range(count) if int(np.floor((i + 1) * probability)) > int(np.floor(i * probability))]
+
+
+def _summary(results: dict[str, dict[str, float]]) -> dict:
+    names = CLASS_NAMES[1:]
+    return {"mean": {c: round(float(np.mean([r[c] for r in results.values()])), 4) for c in names},
+            "min": {c: round(float(np.min([r[c] for r in results.values()])), 4) for c in names}}
+
+
+def evaluate_demo_model(
+    model_path: Path,
+    maps: Optional[tuple] = None,
+    evaluation_seeds: Any = EVALUATION_SEEDS[:4],
+    noise_level: float = NOISY_BACKGROUND_LEVEL,
+    log: Any = print,
+) -> dict:
+    """Per-class Dice of a demo model through the engine pipeline (``pipeline.segment_images``).
+
+    Sets: the untransformed template; the held-out copies (``evaluation_seeds``); the same copies and
+    the template with ``noisy_background`` (``noise_level``, the copy's seed as noise seed). Returns
+    the card's ``evaluation_dice``: ``template``, ``template_background_noise``, mean / min / per copy
+    for ``held_out_copies_*`` and ``held_out_background_noise_*``, and the grey-matter volume (mL) on
+    the template with and without background noise.
+    """
+    import SimpleITK as sitk
+
+    from ..engine.loading import load_model
+    from ..engine.pipeline import segment_images
+    from ..engine.postprocessing import dice_per_class
+
+    maps = maps or load_template_maps()
+    loaded = load_model(Path(model_path))
+    seeds = list(evaluation_seeds)
+    template_labels = reference_labels(*maps)
+    sets = [("template", maps[0], template_labels, 0),
+            ("template-noise", noisy_background(maps[0], noise_level, 0), template_labels, 0)]
+    sets += [(f"copy-{seed}", *transformed_copy(*maps, seed), seed) for seed in seeds]
+    results: dict[str, dict[str, float]] = {}
+    volumes: dict[str, float] = {}
+    for name, image, reference, seed in sets:
+        noisy_copy = name.startswith("copy-")
+        for noisy in ((False, True) if noisy_copy else (False,)):
+            key = name + ("-noise" if noisy else "")
+            source = noisy_background(image, noise_level, seed) if noisy else image
+            start = time.perf_counter()
+            result = segment_images([source], loaded)
+            labels = sitk.GetArrayViewFromImage(result.labels)
+            dice = dice_per_class(labels, sitk.GetArrayViewFromImage(reference), range(1, len(CLASS_NAMES)))
+            results[key] = {CLASS_NAMES[k]: round(v, 4) for k, v in dice.items()}
+            if name.startswith("template"):
+                volumes[key] = round(float(np.count_nonzero(labels == 2)) * float(np.prod(image.GetSpacing())) / 1000, 1)
+            if log:
+                log(f"{key}: " + ", ".join(f"{k} {v:.4f}" for k, v in results[key].items())
+                    + f" ({result.patches} patches, {time.perf_counter() - start:.0f} s)")
+    clean = {k: v for k, v in results.items() if k.startswith("copy-") and not k.endswith("-noise")}
+    noisy = {k[: -len("-noise")]: v for k, v in results.items() if k.startswith("copy-") and k.endswith("-noise")}
+    clean_summary, noisy_summary = _summary(clean), _summary(noisy)
+    return {
+        "template": results["template"],
+        "held_out_copies_mean": clean_summary["mean"],
+        "held_out_copies_min": clean_summary["min"],
+        "held_out_seeds": seeds,
+        "per_copy": clean,
+        "background_noise": (f"|N(0, {noise_level:g} x image max)| outside the brain (voxels == 0), "
+                             "numpy seed [copy seed, 30011] (template: 0); demo.noisy_background"),
+        "template_background_noise": results["template-noise"],
+        "held_out_background_noise_mean": noisy_summary["mean"],
+        "held_out_background_noise_min": noisy_summary["min"],
+        "per_copy_background_noise": noisy,
+        "template_grey_matter_ml": {"clean": volumes["template"], "background_noise": volumes["template-noise"]},
+    }
 
 
 # --------------------------------------------------------------------------------------------------
