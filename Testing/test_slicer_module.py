@@ -366,13 +366,19 @@ def test_failing_pip_is_shown_and_nothing_starts(coldPanel, monkeypatch, tmp_pat
     assert [type(e).__name__ for e in coldPanel.standIn.slotErrors()] == ["CalledProcessError"]
 
 
-def test_under_testing_nothing_is_installed(standIn, monkeypatch, tmp_path):
+def testing_mode_panel(standIn):
+    """The panel in a Slicer started with ``--testing``, its engine started per run."""
     standIn.app.testing = True
     module = load_module_file()
     add_volume()
     widget = module.UNet3DSegmentWidget(slicer_standins.mrml_widgets.qMRMLWidget())
     widget.setup()
     widget.logic.keepEngineWarm = False
+    return widget
+
+
+def test_under_testing_nothing_is_installed(standIn, monkeypatch, tmp_path):
+    widget = testing_mode_panel(standIn)
     _missing(monkeypatch, ["tensorflow"])
     widget.ui.segmentButton.click()
     [error] = standIn.slotErrors()
@@ -637,12 +643,7 @@ def test_an_edited_result_is_not_replaced_without_asking(coldPanel):
 def test_under_testing_a_replacement_runs_without_a_dialog(standIn, monkeypatch):
     import slicer
 
-    standIn.app.testing = True
-    module = load_module_file()
-    add_volume()
-    widget = module.UNet3DSegmentWidget(slicer_standins.mrml_widgets.qMRMLWidget())
-    widget.setup()
-    widget.logic.keepEngineWarm = False
+    widget = testing_mode_panel(standIn)
     mine = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLSegmentationNode", "Manual")
     mine.CreateDefaultDisplayNodes()
     mine.GetSegmentation().AddEmptySegment("tumour", "tumour")

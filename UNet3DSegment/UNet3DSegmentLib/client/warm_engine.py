@@ -32,11 +32,16 @@ import time
 import weakref
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Any, Mapping, Optional, Sequence, Union
+from typing import IO, Mapping, Optional, Sequence
 
 from ..base.errors import BadInputError, UNet3DSegmentError
 from ..base.options import Option, SegmentOptions
 from .engine_process import (
+    DEFAULT_GRACE_SECONDS as GRACE_SECONDS,
+    ENGINE_MODULE,
+    STDERR_LINES_KEPT,
+    Event,
+    PathLike,
     ProgressEvents,
     _kill_group,
     _parse_event,
@@ -45,13 +50,7 @@ from .engine_process import (
     start_child,
 )
 
-PathLike = Union[str, Path]
-Event = dict[str, Any]
-
-ENGINE_MODULE = "UNet3DSegmentLib"
 DEFAULT_IDLE_TIMEOUT = 600.0
-GRACE_SECONDS = 5.0
-STDERR_LINES_KEPT = 200
 RUNTIME = "runtime"
 MODEL_LOADING_OPTIONS = ("trust_model",)  # not runtime options, but the model is loaded under them
 _SIGKILL = getattr(signal, "SIGKILL", signal.SIGTERM)  # Windows has no SIGKILL (and ends trees with taskkill)

@@ -323,16 +323,22 @@ def check_output_path(path: PathLike, overwrite: bool) -> Path:
             f"output {path} has the unsupported extension '{suffix}'; use one of "
             f"{', '.join(OUTPUT_SUFFIXES)}"
         )
+    check_destination(path, "output", overwrite, "segmentation.nrrd")
+    return path
+
+
+def check_destination(path: Path, what: str, overwrite: bool, example: str) -> None:
+    """One-line ``BadInputError`` unless ``path`` can be written: its folder exists and is writable, it is
+    not a folder, and it is new or ``overwrite`` allows replacing it. ``what`` names it in the message."""
     folder = path.parent
     if not folder.is_dir():
-        raise BadInputError(f"output folder {folder} does not exist; create it or choose another path")
+        raise BadInputError(f"{what} folder {folder} does not exist; create it or choose another path")
     if not os.access(folder, os.W_OK | os.X_OK):
-        raise BadInputError(f"output folder {folder} is not writable; choose another folder")
+        raise BadInputError(f"{what} folder {folder} is not writable; choose another folder")
     if path.is_dir():
-        raise BadInputError(f"output {path} is a folder; give a file name such as {path / 'segmentation.nrrd'}")
+        raise BadInputError(f"{what} {path} is a folder; give a file name such as {path / example}")
     if path.exists() and not overwrite:
-        raise BadInputError(f"output {path} exists; pass --overwrite to replace it or choose another path")
-    return path
+        raise BadInputError(f"{what} {path} exists; pass --overwrite to replace it or choose another path")
 
 
 Writer = Callable[[Path], None]

@@ -23,7 +23,6 @@ import csv
 import io
 import json
 import math
-import os
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Sequence, Union
 
@@ -207,14 +206,9 @@ def check_statistics_path(path: Union[str, Path], overwrite: bool) -> Path:
     path = Path(path).expanduser().absolute()
     if path.suffix.lower() not in STATISTICS_SUFFIXES:
         raise BadInputError(f"statistics file {path} must end in .csv or .json")
-    if not path.parent.is_dir():
-        raise BadInputError(f"statistics folder {path.parent} does not exist; create it or choose another path")
-    if not os.access(path.parent, os.W_OK | os.X_OK):
-        raise BadInputError(f"statistics folder {path.parent} is not writable; choose another folder")
-    if path.is_dir():
-        raise BadInputError(f"statistics file {path} is a folder; give a file name such as {path / 'statistics.csv'}")
-    if path.exists() and not overwrite:
-        raise BadInputError(f"statistics file {path} exists; pass --overwrite to replace it or choose another path")
+    from .image_io import check_destination
+
+    check_destination(path, "statistics", overwrite, "statistics.csv")
     return path
 
 
