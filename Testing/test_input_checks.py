@@ -314,3 +314,15 @@ def test_terminal_shows_the_warning_line(tmp_path: Path, expecting_model: Path, 
     assert main(["segment", str(source), "-o", str(tmp_path / "labels.nrrd"), "--model", str(expecting_model),
                  "--progress", "bar"]) == 0
     assert "\nwarning: channel T1: background is not zero: only 0.0% of the voxels are exactly 0" in stream.getvalue()
+
+
+def test_sampled_foreground_volume_is_exact_when_the_shape_is_not_a_multiple_of_the_stride(monkeypatch):
+    """A thin, wide volume: the sampled estimate of the foreground volume stands for every voxel, edges included."""
+    from UNet3DSegmentLib.engine import input_checks
+
+    monkeypatch.setattr(input_checks, "SAMPLE_VOXELS", 10_000)  # force sampling on a small array
+    card = card_from_dict({**TINY_CARD, "input": {**TINY_CARD["input"], "expect": {
+        "skull_stripped": True, "background_zero": False, "foreground_ml": [0, 1]}}})
+    volume = np.ones((3, 301, 301), np.float32)  # all foreground: 271.8 mL at 1 mm
+    [warning] = [w for w in check_channel(volume, (1.0, 1.0, 1.0), card, "T1") if "foreground covers" in w]
+    assert "foreground covers 272 mL" in warning

@@ -98,7 +98,9 @@ def check_channel(array: np.ndarray, spacing: Sequence[float], card: Any, channe
     expect = getattr(card.input, "expect", None)
     if expect is None:
         return []
-    data, stride = _sample(np.asarray(array))
+    full = np.asarray(array)
+    data, stride = _sample(full)
+    scale = full.size / max(1, data.size)  # voxels each sampled one stands for (exact at the edges too)
     warnings: List[str] = []
     what = f"{expect.modality} " if expect.modality else ""
     finite = data[np.isfinite(data)] if not np.issubdtype(data.dtype, np.integer) else data.reshape(-1)
@@ -116,7 +118,7 @@ def check_channel(array: np.ndarray, spacing: Sequence[float], card: Any, channe
     if nonzero.size:
         top = float(np.percentile(nonzero, 99.5))
         foreground = finite[finite > FOREGROUND_LEVEL * top] if top > 0 else finite[:0]
-        voxel_ml = float(np.prod([float(s) for s in spacing])) * stride ** 3 / 1000.0
+        voxel_ml = float(np.prod([float(s) for s in spacing])) * scale / 1000.0
         foreground_ml = foreground.size * voxel_ml
         low, high = expect.foreground_ml if expect.foreground_ml is not None else (0.0, math.inf)
         if expect.skull_stripped and expect.foreground_ml is None:
