@@ -338,3 +338,24 @@ def test_labelmap_off_the_series_grid_or_card_is_refused(series: dict, tmp_path:
     with pytest.raises(BadModelError, match="holds label 3 but the model card names only 2 classes"):
         write_dicom_seg(labels, folder, tmp_path / "a.dcm", card_from_dict(few))
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("value", [[1, 0, 0, 0, 1], [1, 0, 0, float("nan"), 1, 0], [1, 0, 0, 1, 0, 0]])
+def test_malformed_orientation_is_one_bad_input_line(series: dict, tmp_path: Path, value):
+    """A hostile or broken ImageOrientationPatient (wrong count, not a number, parallel axes): exit 3, no crash."""
+    import shutil
+
+    import pydicom
+
+    from UNet3DSegmentLib.base.errors import BadInputError
+    from UNet3DSegmentLib.engine.dicom_seg import read_dicom_source
+
+    folder = tmp_path / "broken"
+    shutil.copytree(series["ct"][0], folder)
+    first = sorted(folder.iterdir())[0]
+    dataset = pydicom.dcmread(first)
+    dataset.ImageOrientationPatient = value
+    dataset.save_as(first)
+    with pytest.raises(BadInputError, match=r"ImageOrientationPatient") as raised:
+        read_dicom_source(folder)
+    assert "\n" not in str(raised.value)

@@ -174,9 +174,13 @@ def _sorted_source(files: Sequence[Path], datasets: Sequence[Any]) -> DicomSourc
                 f"DICOM file {path} is a multi-frame (enhanced) image; DICOM SEG output handles series of "
                 f"single-frame images only: write .seg.nrrd or .nrrd instead"
             )
-    orientation = np.array([float(v) for v in first.ImageOrientationPatient])
+    orientation = _vector(first, "ImageOrientationPatient", 6, files[0])
+    if np.linalg.norm(np.cross(orientation[:3], orientation[3:])) < 1e-3:
+        raise BadInputError(f"DICOM file {files[0]} has an ImageOrientationPatient whose row and column are "
+                            "parallel or zero; the series has no valid geometry")
     for path, ds in zip(files, datasets):
-        other = np.array([float(v) for v in ds.ImageOrientationPatient])
+        other = _vector(ds, "ImageOrientationPatient", 6, path)
+        _vector(ds, "ImagePositionPatient", 3, path)
         if np.abs(other - orientation).max() > GEOMETRY_TOLERANCE:
             raise BadInputError(
                 f"DICOM file {path} has another ImageOrientationPatient than {files[0].name}; the series is "
@@ -442,3 +446,15 @@ def write_dicom_seg(
     writer = dicom_seg_writer(labels, source_series_folder_or_files, output_path, card,
                               series_number, series_description)
     return atomic_write(output_path, writer, overwrite)
+
+
+def _vector(dataset: Any, keyword: str, length: int, path: Any) -> np.ndarray:
+    """A numeric DICOM attribute of ``length`` finite values, or a one-line ``BadInputError`` naming the file."""
+    try:
+        values = np.array([float(v) for v in getattr(dataset, keyword)], dtype=np.float64)
+    except (TypeError, ValueError):
+        values = np.array([])
+    if values.shape != (length,) or not np.all(np.isfinite(values)):
+        raise BadInputError(f"DICOM file {path} has an invalid {keyword} (expected {length} numbers); the series "
+                            "has no usable geometry: export it again")
+    return values
