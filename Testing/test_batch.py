@@ -371,12 +371,18 @@ def test_dying_worker_process_retries_the_running_cases_once(tmp_path, monkeypat
     monkeypatch.setattr(cohort, "_process_init", batch_fakes.init)  # spawned workers import batch_fakes
     monkeypatch.setattr(cohort, "_process_run", batch_fakes.run)
 
-    cases = [Case(name, ()) for name in ("a", "die", "flaky", "b")]
+    cases = [Case(name, ()) for name in ("a", "die", "b")]
     book = _Book(cases, {}, tmp_path / "results.csv", [], ProgressEmitter(None), 2)
     _run_in_processes(cases, book, (str(tmp_path),), 2, threading.Event())
     rows = {r["case"]: r for r in book.ordered()}
-    assert {n: r["status"] for n, r in rows.items()} == {"a": "ok", "die": "error", "flaky": "ok", "b": "ok"}
-    assert "died twice" in rows["die"]["message"] and book.retries >= 2
+    assert {n: r["status"] for n, r in rows.items()} == {"a": "ok", "die": "error", "b": "ok"}
+    assert "died twice" in rows["die"]["message"] and book.retries >= 1
+    # A case that kills its worker once (and nothing else breaks the pool at the same time) succeeds on retry.
+    # (Run on its own: a case running beside "die" may lose its one retry to that worker's death.)
+    flaky = [Case("flaky", ())]
+    book = _Book(flaky, {}, tmp_path / "results2.csv", [], ProgressEmitter(None), 2)
+    _run_in_processes(flaky, book, (str(tmp_path),), 2, threading.Event())
+    assert [(r["case"], r["status"]) for r in book.ordered()] == [("flaky", "ok")] and book.retries == 1
 
 
 def test_workers_with_a_bad_model_exit_4_before_starting_processes(tmp_path, capsys) -> None:

@@ -5,10 +5,11 @@ Recipe (see UNet3DSegmentLib/demo.py for the data derivation):
 1. reference labels from the MNI152 2009 symmetric T1 template and its GM/WM probability maps
    (nilearn's package data): inside the brain mask (T1 > 0), argmax of (1 - GM - WM, GM, WM);
 2. transformed copies (random affine, bias field, gamma, intensity scale, noise) for training
-   (seeds 1000+), validation (5000+) and evaluation (9000+): disjoint seed ranges; every second
-   training and validation copy also enters with its zero background replaced by |offset + noise|
-   (``--background-noise-probability``, augmentation ``random_background_noise``, applied to the raw
-   image before the engine's preprocessing, as an input with a noisy background is at inference);
+   (seeds 1000+), validation (5000+) and evaluation (9000+): disjoint seed ranges; with
+   ``--background-noise-probability p`` (default 0, as the bundled model was trained) a share p of the
+   training and validation copies also enters with its zero background replaced by |offset + noise|
+   (augmentation ``random_background_noise``, applied to the raw image before the engine's
+   preprocessing, as an input with a noisy background is at inference);
 3. training with UNet3DSegmentLib.training.loop (seed topology, Dice + cross-entropy, foreground
    over-sampling, per-patch flips / rotations / intensity augmentation, best validation checkpoint);
 4. evaluation through the engine's own pipeline (``demo.evaluate_demo_model``) on the held-out copies
@@ -62,8 +63,9 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--learning-rate", type=float, default=1e-3)
     parser.add_argument("--validation-patches", type=int, default=8)
     parser.add_argument("--seed", type=int, default=2026)
-    parser.add_argument("--background-noise-probability", type=float, default=0.5,
-                        help="share of training/validation copies that also enter with a noisy background")
+    parser.add_argument("--background-noise-probability", type=float, default=0.0,
+                        help="share of training/validation copies that also enter with a noisy background "
+                             "(0: the bundled model's recipe)")
     parser.add_argument("--mixed-precision", default="auto", choices=["auto", "on", "off"])
     parser.add_argument("--resume", action="store_true")
     parser.add_argument("--evaluate-only", action="store_true")
@@ -122,11 +124,12 @@ def main() -> int:
                  "images are transformed copies with disjoint seeds: one random affine (rotation <= 10 deg, "
                  "scale 0.9-1.1, translation <= 5 mm) moves the T1 (B-spline), the GM/WM maps and the brain "
                  "mask (linear, mask >= 0.5), labels re-derived by the same rule on the moved maps; then bias "
-                 "field, gamma 0.75-1.35, intensity x0.5-2, noise <= 4 % inside the brain. Background-noise twins: "
-                 "every second training and validation copy (augmentation background_noise_probability) also "
-                 "enters with its zero background replaced by |offset + N(0, sigma)| (sigma 0-8 %, offset "
-                 "0-2 % of the brain's mean intensity), before the engine's preprocessing (no crop, z-score "
-                 "over the whole volume)."),
+                 "field, gamma 0.75-1.35, intensity x0.5-2, noise <= 4 % inside the brain."
+                 + (f" Background-noise twins: a share {args.background_noise_probability:g} of the training and "
+                    "validation copies (augmentation background_noise_probability) also enters with its zero "
+                    "background replaced by |offset + N(0, sigma)| (sigma 0-8 %, offset 0-2 % of the brain's "
+                    "mean intensity), before the engine's preprocessing (no crop, z-score over the whole volume)."
+                    if args.background_noise_probability > 0 else "")),
         "train_seeds": [train_seeds[0], train_seeds[-1]],
         "validation_seeds": [validation_seeds[0], validation_seeds[-1]],
         "evaluation_seeds": evaluation_seeds,

@@ -162,7 +162,8 @@ class AugmentationConfig:
     # the share of training volumes that also enter training with their zero background replaced by
     # |offset + noise| (sigma and offset in units of the brain's mean intensity), so that a noisy
     # background is not mistaken for tissue. ``PatchAugmenter`` ignores these fields; the demo model's
-    # training (scripts/train_demo_model.py, ``demo.background_noise_cases``) applies them.
+    # training applies them (scripts/train_demo_model.py --background-noise-probability, with
+    # ``demo.background_noise_twins`` and ``demo.with_random_background_noise``). Off by default.
     background_noise_probability: float = 0.0
     background_noise_sigma: tuple[float, float] = (0.0, 0.08)
     background_offset: tuple[float, float] = (0.0, 0.02)
