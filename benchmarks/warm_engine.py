@@ -24,12 +24,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import sys
 import tempfile
 import time
 from pathlib import Path
+
+from bench_inference import machine  # same folder: run as python benchmarks/warm_engine.py
 from typing import Any
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
@@ -96,12 +97,6 @@ def timed_run(logic: Any, volume: Any, model: str) -> dict[str, Any]:
         "engine_pid": engine.pid if engine is not None else None,
         "precision": next((e["message"] for e in events if "mixed precision" in e.get("message", "")), "fp32"),
     }
-
-
-def machine() -> str:
-    model = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                  if line.startswith("model name")), platform.processor())
-    return f"{model}, {len(os.sched_getaffinity(0))} cores, Python {platform.python_version()}"
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -32,7 +32,7 @@ import sys
 import threading
 import time
 from pathlib import Path
-from typing import IO, Any, Mapping, Optional, Sequence, Union
+from typing import IO, Any, Callable, Mapping, Optional, Sequence, Union
 
 from ..base.options import SegmentOptions
 from ..base.errors import (
@@ -194,6 +194,21 @@ def start_child(command: Sequence[Any], env: Optional[Mapping[str, str]] = None,
                             "executable") from error
 
 
+def start_readers(popen: subprocess.Popen, on_stdout: Callable[[str], None],
+                  on_stderr: Callable[[str], None]) -> list[threading.Thread]:
+    """One daemon thread per output pipe of ``popen``, handing each line to its handler until EOF."""
+    def read(stream: IO[str], handle: Callable[[str], None]) -> None:
+        for line in iter(stream.readline, ""):
+            handle(line)
+        stream.close()
+
+    readers = [threading.Thread(target=read, args=(popen.stdout, on_stdout), daemon=True),
+               threading.Thread(target=read, args=(popen.stderr, on_stderr), daemon=True)]
+    for reader in readers:
+        reader.start()
+    return readers
+
+
 class ProgressEvents:
     """The progress events of one run: a queue that ``poll()`` drains, and the last, error and done events.
 
@@ -255,12 +270,7 @@ class EngineProcess(ProgressEvents):
         self._cancelled = False
         self._kill_deadline: Optional[float] = None
         self._group_killed = False  # after a cancel request: SIGKILL sent, or the whole group was gone
-        self._readers = [
-            threading.Thread(target=self._read_stdout, args=(popen.stdout,), daemon=True),
-            threading.Thread(target=self._read_stderr, args=(popen.stderr,), daemon=True),
-        ]
-        for reader in self._readers:
-            reader.start()
+        self._readers = start_readers(popen, self._on_stdout, lambda line: self._stderr.append(line.rstrip("\n")))
 
     @classmethod
     def start(
@@ -273,20 +283,12 @@ class EngineProcess(ProgressEvents):
         return cls(start_child(command, env, cwd), command)
 
     # --- reading (worker threads) -------------------------------------------------------------
-    def _read_stdout(self, stream: IO[str]) -> None:
-        for line in iter(stream.readline, ""):
-            event = _parse_event(line)
-            if event is None:
-                if line.strip():
-                    self._stdout_other.append(line.rstrip("\n"))
-                continue
+    def _on_stdout(self, line: str) -> None:
+        event = _parse_event(line)
+        if event is not None:
             self._record(event)
-        stream.close()
-
-    def _read_stderr(self, stream: IO[str]) -> None:
-        for line in iter(stream.readline, ""):
-            self._stderr.append(line.rstrip("\n"))
-        stream.close()
+        elif line.strip():
+            self._stdout_other.append(line.rstrip("\n"))
 
     # --- state ----------------------------------------------------------------------------------
     @property

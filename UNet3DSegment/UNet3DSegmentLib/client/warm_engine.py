@@ -32,7 +32,7 @@ import time
 import weakref
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Mapping, Optional, Sequence
+from typing import Mapping, Optional, Sequence
 
 from ..base.errors import BadInputError, UNet3DSegmentError
 from ..base.options import Option, SegmentOptions
@@ -48,6 +48,7 @@ from .engine_process import (
     engine_environment,
     error_for_exit,
     start_child,
+    start_readers,
 )
 
 DEFAULT_IDLE_TIMEOUT = 600.0
@@ -136,12 +137,7 @@ class _Server:
         self._ids = itertools.count(1)
         self._output: collections.deque = collections.deque(maxlen=STDERR_LINES_KEPT)  # (number, line)
         self._lines = itertools.count()
-        self._readers = [
-            threading.Thread(target=self._read_stdout, args=(popen.stdout,), daemon=True),
-            threading.Thread(target=self._read_stderr, args=(popen.stderr,), daemon=True),
-        ]
-        for reader in self._readers:
-            reader.start()
+        self._readers = start_readers(popen, self._on_stdout, lambda line: self._keep_line(line.rstrip("\n")))
 
     @property
     def pid(self) -> int:
@@ -196,37 +192,30 @@ class _Server:
             self.retired = True
         return request
 
-    def _read_stdout(self, stream: IO[str]) -> None:
-        for line in iter(stream.readline, ""):
-            event = _parse_event(line)
-            if event is None:
-                if line.strip():
-                    self._keep_line(line.rstrip("\n"))
-                continue
-            with self._lock:
-                request = self.requests.get(str(event.get("id"))) if event.get("id") is not None else None
-                current = self.current
-            if request is None and event.get("stage") == "error" and current is not None and not current._answered:
-                request = current  # an error the child could not tie to a request (it failed reading it)
-            if request is not None:
-                request._receive(event)
-                if request._answered:
-                    self.idle_since = time.monotonic()
-                    with self._lock:
-                        self.requests.pop(request.request_id, None)
-            elif event.get("stage") == "ready":
-                self.ready_event = event
+    def _on_stdout(self, line: str) -> None:
+        event = _parse_event(line)
+        if event is None:
+            if line.strip():
+                self._keep_line(line.rstrip("\n"))
+            return
+        with self._lock:
+            request = self.requests.get(str(event.get("id"))) if event.get("id") is not None else None
+            current = self.current
+        if request is None and event.get("stage") == "error" and current is not None and not current._answered:
+            request = current  # an error the child could not tie to a request (it failed reading it)
+        if request is not None:
+            request._receive(event)
+            if request._answered:
                 self.idle_since = time.monotonic()
-            elif event.get("stage") == "stopped":
-                self.stopped_event = event
-            elif event.get("stage") == "error":
-                self.last_error = event
-        stream.close()
-
-    def _read_stderr(self, stream: IO[str]) -> None:
-        for line in iter(stream.readline, ""):
-            self._keep_line(line.rstrip("\n"))
-        stream.close()
+                with self._lock:
+                    self.requests.pop(request.request_id, None)
+        elif event.get("stage") == "ready":
+            self.ready_event = event
+            self.idle_since = time.monotonic()
+        elif event.get("stage") == "stopped":
+            self.stopped_event = event
+        elif event.get("stage") == "error":
+            self.last_error = event
 
     def signal_group(self, sig: int) -> None:
         if os.name == "nt":
