@@ -121,3 +121,24 @@ def test_transformed_copies_are_seeded_with_labels_on_the_image() -> None:
     counts = np.bincount(label_array.ravel(), minlength=4)
     expected = np.bincount(sitk.GetArrayViewFromImage(reference).ravel(), minlength=4)
     np.testing.assert_allclose(counts[1:], expected[1:], rtol=0.35)  # same tissues, rescaled by <= 10 %/axis
+
+
+def test_background_noise_no_longer_becomes_grey_matter(tmp_path: Path) -> None:
+    """Issue 14: 3 % noise outside the brain made the model label the background grey matter (Dice 0).
+    The card's input.background clears it before the crop and the z-score: the result stays right."""
+    from UNet3DSegmentLib.training.demo import noisy_background
+
+    template, reference = load_template()
+    box = (slice(0, 100), slice(60, 132), slice(50, 122))  # (x, y, z): the left edge of the brain and air
+    crop, crop_labels = noisy_background(template[box], seed=7), reference[box]
+    outside = sitk.GetArrayViewFromImage(crop_labels) == 0
+    assert np.count_nonzero(sitk.GetArrayViewFromImage(crop)[outside]) > 0.9 * outside.sum()  # really noisy
+    sitk.WriteImage(crop, str(tmp_path / "noisy_t1.nii.gz"))
+    sitk.WriteImage(crop_labels, str(tmp_path / "labels.nii.gz"))
+    out = tmp_path / "out"
+    assert main(["demo", "--input", str(tmp_path / "noisy_t1.nii.gz"), "--reference", str(tmp_path / "labels.nii.gz"),
+                 "--output-dir", str(out), "--overlap", OVERLAP, "--progress", "none"]) == 0
+    labels = sitk.GetArrayFromImage(sitk.ReadImage(str(out / "noisy_t1.seg.nrrd")))
+    dice = dice_per_class(labels, sitk.GetArrayViewFromImage(crop_labels), [1, 2, 3])
+    assert dice[1] >= 0.85 and dice[2] >= 0.90 and dice[3] >= 0.90, dice
+    assert np.count_nonzero(labels[outside]) < 0.01 * outside.sum()  # the air stays background

@@ -96,7 +96,7 @@ def test_pipeline_reports_the_fallback_as_warning_events(tiny_model_path: Path):
 
     rng = np.random.default_rng(5)
     image = sitk.GetImageFromArray(rng.normal(50, 10, size=(20, 24, 30)).astype(np.float32))
-    options = SegmentOptions(overlap=0.5, batch_size=4, precision="fp32")
+    options = SegmentOptions(overlap=0.5, batch_size=4, precision="fp32", blend_on="host")  # the host fallback
     reference = segment_images([image], load_model(tiny_model_path), options)
 
     loaded = load_model(tiny_model_path)

@@ -193,7 +193,7 @@ def test_constant_predictor_gives_constants(overlap, blend):
 
     output = sliding_window_predict(
         np.zeros((21, 18, 30, 1), np.float32), constant, patch_size=(8, 8, 16), overlap=overlap, blend=blend,
-        batch_size=4,
+        batch_size=4, skip_empty=False,  # an all-zero image: every tile would be skipped otherwise
     )
     np.testing.assert_allclose(output, np.broadcast_to(probabilities, (21, 18, 30, 3)), rtol=1e-6)
 
@@ -405,7 +405,7 @@ IMAGE = np.zeros((16, 16, 16, 1), np.float32)
 )
 def test_validation_messages(kwargs, message):
     arguments = {"image": IMAGE, "predict": identity_like, "patch_size": (16, 16, 16),
-                 "overlap": 0.5, "batch_size": 2}
+                 "overlap": 0.5, "batch_size": 2, "skip_empty": False}
     if "predict" in kwargs:
         arguments["image"] = np.zeros((16, 16, 32, 1), np.float32)  # 3 patches: batches 2 + 1
     arguments.update(kwargs)
@@ -425,7 +425,7 @@ def test_predictor_changing_class_count_is_caught():
     with pytest.raises(BadInputError, match=r"returned shape \(1, 16, 16, 16, 3\), expected "
                                             r"\(1, 16, 16, 16, 2\)"):
         sliding_window_predict(np.zeros((16, 16, 32, 1), np.float32), unstable, patch_size=(16, 16, 16),
-                               overlap=0.5, batch_size=2)
+                               overlap=0.5, batch_size=2, skip_empty=False)
 
 
 def test_tile_starts_rejects_bad_overlap():
@@ -452,18 +452,20 @@ def test_window_defaults_are_the_declared_option_defaults():
     from UNet3DSegmentLib.base.options import SegmentOptions
 
     window = WindowConfig()
-    for name in ("overlap", "blend", "batch_size", "accumulation"):
+    for name in ("blend", "batch_size", "accumulation", "skip_empty"):
         assert getattr(window, name) == SegmentOptions.spec(name).default
+    assert SegmentOptions.spec("overlap").default is None and window.overlap == 0.5  # no card, no user value
     assert window.mirror_axes == () and window.prefetch and window.expected_channels is None
 
 
 def test_window_config_from_options():
     from UNet3DSegmentLib.base.options import SegmentOptions
 
-    options = SegmentOptions(overlap=0.25, batch_size=4, blend="constant", tta=True, accumulation="float16")
+    options = SegmentOptions(overlap=0.25, batch_size=4, blend="constant", tta=True, accumulation="float16",
+                             skip_empty=False)
     window = WindowConfig.from_options(options, (8, 16, 16), prefetch=False)
     assert window == WindowConfig((8, 16, 16), 0.25, "constant", 4, mirror_axes=(0, 1, 2),
-                                  accumulation="float16", prefetch=False)
+                                  accumulation="float16", prefetch=False, skip_empty=False)
     assert WindowConfig.from_options(SegmentOptions(), (16, 16, 16)).mirror_axes == ()
 
 
@@ -493,3 +495,161 @@ def test_inference_runs_without_tensorflow():
         [sys.executable, "-c", code], capture_output=True, text=True, check=True
     )
     assert result.stdout.strip() == "[]"
+
+
+# --------------------------------------------------------------------------------------------------
+# Skipping tiles whose input is all zero (``skip_empty``)
+def reference_blend_skipping(image, predict, patch, overlap, blend, flips=((),)):
+    """float64 reference: tiles with an all-zero input are certain background (one-hot class 0)."""
+    weights = importance_map(patch, blend).astype(np.float64)
+    total, weight_sum, ran = None, np.zeros(image.shape[:3]), 0
+    outputs = {}
+    for z, y, x in grid_starts(image.shape[:3], patch, overlap):
+        region = (slice(z, z + patch[0]), slice(y, y + patch[1]), slice(x, x + patch[2]))
+        if image[region].any():
+            ran += 1
+            tile = image[region][np.newaxis]
+            out = sum(np.flip(predict(np.flip(tile, [a + 1 for a in axes]).copy()), [a + 1 for a in axes])
+                      for axes in flips)[0].astype(np.float64) / len(flips)
+            outputs[(z, y, x)] = out
+        else:
+            out = None
+        if total is None:
+            classes = 2
+            total = np.zeros(image.shape[:3] + (classes,))
+        if out is None:
+            out = np.zeros(patch + (2,))
+            out[..., 0] = 1.0
+        total[region] += out * weights[..., np.newaxis]
+        weight_sum[region] += weights
+    return total / weight_sum[..., np.newaxis], ran
+
+
+def two_class_softmax(batch: np.ndarray) -> np.ndarray:
+    """A per-voxel, position-dependent two-class output that sums to 1 (like a softmax)."""
+    pz, py, px = batch.shape[1:4]
+    z, y, x = np.meshgrid(np.arange(pz), np.arange(py), np.arange(px), indexing="ij")
+    score = batch[..., 0] + (z + 2 * y - x).astype(np.float32) / 16.0
+    foreground = 1.0 / (1.0 + np.exp(-score))
+    return np.stack([1.0 - foreground, foreground], axis=-1).astype(np.float32)
+
+
+def blobs_image(shape=(40, 36, 44)) -> np.ndarray:
+    """Zeros with two small non-zero blobs: most 16^3 tiles at overlap 0.5 are empty, runs alternate."""
+    image = np.zeros(shape + (1,), np.float32)
+    image[3:9, 4:12, 5:10, 0] = 1.5
+    image[30:37, 20:31, 33:41, 0] = np.linspace(-2, 2, 7 * 11 * 8, dtype=np.float32).reshape(7, 11, 8)
+    return image
+
+
+@pytest.mark.parametrize("batch_size", [1, 2, 3, 4])  # 2 and 4: runs that straddle z rows (ring depth)
+@pytest.mark.parametrize("blend", BLENDS)
+@pytest.mark.parametrize("mirror", [(), (0, 2)])
+def test_skipped_empty_tiles_count_as_certain_background(batch_size, blend, mirror):
+    image = blobs_image()
+    seen = []
+
+    def predict(batch):
+        seen.append(batch.shape[0])
+        return two_class_softmax(batch)
+
+    progress = []
+    output = sliding_window_predict(image, predict, patch_size=(16, 16, 16), overlap=0.5, blend=blend,
+                                    batch_size=batch_size, mirror_axes=mirror, skip_empty=True,
+                                    progress=lambda done, total: progress.append((done, total)))
+    flips = [()] if not mirror else [axes for axes in ((), (0,), (2,), (0, 2))]
+    expected, ran = reference_blend_skipping(image, two_class_softmax, (16, 16, 16), 0.5, blend, flips)
+    np.testing.assert_allclose(output, expected, rtol=2e-5, atol=2e-6)
+    starts = grid_starts(image.shape[:3], (16, 16, 16), 0.5)
+    assert 0 < ran < len(starts) // 2  # most tiles were skipped
+    assert sum(seen) == ran * len(flips)  # the model saw only the tiles with signal
+    assert progress[-1] == (ran * len(flips), ran * len(flips))
+    # Where only empty tiles reach, the answer is certain background.
+    covered = np.zeros(image.shape[:3], bool)
+    for z, y, x in starts:
+        if image[z:z + 16, y:y + 16, x:x + 16].any():
+            covered[z:z + 16, y:y + 16, x:x + 16] = True
+    assert (~covered).sum() > 10_000 and output[~covered][:, 0].min() == 1.0
+
+
+def test_skipping_changes_nothing_where_no_tile_is_empty():
+    image = coordinate_image((20, 24, 28))
+    skipping = sliding_window_predict(image, position_dependent, patch_size=(16, 16, 16), overlap=0.5,
+                                      skip_empty=True)
+    running = sliding_window_predict(image, position_dependent, patch_size=(16, 16, 16), overlap=0.5,
+                                     skip_empty=False)
+    np.testing.assert_array_equal(skipping, running)
+
+
+def test_an_all_zero_image_still_runs_one_tile():
+    calls = []
+
+    def predict(batch):
+        calls.append(batch.shape[0])
+        return two_class_softmax(batch)
+
+    output = sliding_window_predict(np.zeros((20, 20, 40, 1), np.float32), predict, patch_size=(16, 16, 16),
+                                    overlap=0.5, batch_size=2, skip_empty=True)
+    assert sum(calls) == 1 and output.shape == (20, 20, 40, 2)
+    assert np.isfinite(output).all()
+
+
+def test_no_overlap_means_the_default_in_the_window_and_an_error_in_the_tiling():
+    from UNet3DSegmentLib.engine.tiling import tile_starts
+
+    assert WindowConfig(overlap=None).overlap == 0.5
+    with pytest.raises(BadInputError, match=r"^overlap must be a number >= 0 and < 1, got None$"):
+        tile_starts(100, 16, None)
+
+
+def test_tile_units_keep_order_and_split_runs():
+    from UNet3DSegmentLib.engine.tiling import tile_units
+
+    starts = [(0, 0, i) for i in range(7)]
+    units = tile_units(starts, [False, False, False, True, True, False, True], 2)
+    assert units == [(False, [(0, 0, 0), (0, 0, 1)]), (False, [(0, 0, 2)]), (True, [(0, 0, 3), (0, 0, 4)]),
+                     (False, [(0, 0, 5)]), (True, [(0, 0, 6)])]
+    assert [s for _, unit in units for s in unit] == starts
+
+
+# --------------------------------------------------------------------------------------------------
+# The whole pipeline: the card's recommended overlap, and the patches skipping saves
+def test_pipeline_uses_the_cards_overlap_unless_the_user_gives_one(tmp_path):
+    import copy
+
+    import SimpleITK as sitk
+
+    from conftest import TINY_CARD, save_tiny_model
+    from UNet3DSegmentLib.base.options import SegmentOptions
+    from UNet3DSegmentLib.engine.loading import load_model
+    from UNet3DSegmentLib.engine.pipeline import segment_images
+    from UNet3DSegmentLib.engine.tiling import count_patches
+
+    card = copy.deepcopy(TINY_CARD)
+    card["inference"] = {"overlap": 0.0}
+    loaded = load_model(save_tiny_model(tmp_path, card=card, name="recommends"))
+    plain = load_model(save_tiny_model(tmp_path, name="plain"))
+    patch = tuple(card["input"]["patch_size"])
+    array = np.random.default_rng(0).uniform(1, 2, (32, 24, 36)).astype(np.float32)  # no empty tile
+    image = sitk.GetImageFromArray(array)
+    fp32 = SegmentOptions(precision="fp32")
+    assert segment_images([image], loaded, fp32).patches == count_patches(array.shape, patch, 0.0)
+    assert segment_images([image], plain, fp32).patches == count_patches(array.shape, patch, 0.5)
+    chosen = SegmentOptions(precision="fp32", overlap=0.25)
+    assert segment_images([image], loaded, chosen).patches == count_patches(array.shape, patch, 0.25)
+    assert count_patches(array.shape, patch, 0.0) < count_patches(array.shape, patch, 0.25) < count_patches(
+        array.shape, patch, 0.5)
+
+    # A zero border wide enough for whole tiles: the skipped ones are not run, and their voxels are background.
+    padded = np.zeros((72, 24, 36), np.float32)
+    padded[:32] = array
+    skipping = segment_images([sitk.GetImageFromArray(padded)], plain, fp32)
+    running = segment_images([sitk.GetImageFromArray(padded)], plain, SegmentOptions(precision="fp32", skip_empty=False))
+    assert skipping.patches < running.patches == count_patches(padded.shape, patch, 0.5)
+    labels = sitk.GetArrayFromImage(skipping.labels)
+    assert not labels[56:].any()  # rows only empty tiles cover
+    # Without zscore-nonzero or the crop a zero is a value (0 HU is water): no tile is skipped.
+    raw = copy.deepcopy(TINY_CARD)
+    raw["input"]["normalization"] = {"method": "none"}
+    unnormalised = load_model(save_tiny_model(tmp_path, card=raw, name="raw"))
+    assert segment_images([sitk.GetImageFromArray(padded)], unnormalised, fp32).patches == running.patches

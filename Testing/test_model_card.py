@@ -289,6 +289,16 @@ BAD_FIELDS = [
     ("network.depth", 4, "network.depth is not a known field"),
     ("training", [], "training must be a JSON object (free-form)"),
     ("nmae", "x", "nmae is not a known field; did you mean 'name'?"),
+    ("input.background", 0.1, "input.background must be a JSON object"),
+    ("input.background", {}, "input.background.below is missing"),
+    ("input.background", {"below": 0}, "input.background.below must be > 0 and < 1 (a share of the 99th percentile), got 0"),
+    ("input.background", {"below": 1.5}, "input.background.below must be > 0 and < 1"),
+    ("input.background", {"below": 0.1, "min_piece_ml": -1}, "input.background.min_piece_ml must be between 0 and 1000 mL"),
+    ("input.background", {"below": 0.1, "min_piece": 1}, "input.background.min_piece is not a known field"),
+    ("inference", [], "inference must be a JSON object"),
+    ("inference", {"overlap": 1.0}, "inference.overlap must be a number >= 0 and < 1, got 1.0"),
+    ("inference", {"overlap": "0.25"}, 'inference.overlap must be a number >= 0 and < 1, got "0.25"'),
+    ("inference", {"overlaps": 0.25}, "inference.overlaps is not a known field; did you mean 'overlap'?"),
 ]
 
 
@@ -303,6 +313,19 @@ def test_every_bad_field_is_named(where, value, message):
     text = str(caught.value)
     assert text.startswith(f"model card tiny.json: {message}"), text
     assert "\n" not in text
+
+
+def test_background_and_inference_sections_round_trip():
+    data = tiny_card_data()
+    data["input"]["background"] = {"below": 0.15}
+    data["inference"] = {"overlap": 0.25}
+    card = card_from_dict(data)
+    assert card.input.background.below == 0.15 and card.input.background.min_piece_ml == 1.0
+    assert card.inference.overlap == 0.25
+    assert card_from_dict(card.to_dict()) == card
+    plain = card_from_dict(tiny_card_data())
+    assert plain.input.background is None and plain.inference is None
+    assert "background" not in plain.to_dict()["input"] and "inference" not in plain.to_dict()
 
 
 def test_description_may_span_lines():

@@ -267,7 +267,7 @@ def test_panel_parameters_take_ranges_defaults_and_enums_from_the_options_schema
             assert f'choiceEnum("{declared.name}")' in line, line
     assert [e.value for e in panel_options.Precision] == list(SegmentOptions.spec("precision").choices)
     assert panel_options.Device("gpu").label() == "GPU"
-    assert panel_options.panel_range("overlap") == (0.0, 0.95)
+    assert panel_options.panel_range("overlap") == (-0.05, 0.95)  # the lowest notch: "Model's choice"
     assert panel_options.default("gpu_memory_limit") == ""
 
 

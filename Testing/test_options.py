@@ -86,7 +86,40 @@ def test_add_options_only_and_overrides() -> None:
     add_options(parser, SegmentOptions, only=["tta", "overlap"], tta={"help": "counted"})
     actions = flags_of(parser)
     assert set(actions) == {"--tta", "--overlap"} and actions["--tta"].help == "counted"
-    assert "(default 0.5)" in actions["--overlap"].help
+    assert actions["--overlap"].help.endswith("(default: the model card's inference.overlap, else 0.5)")
+    assert actions["--overlap"].default is None
+
+
+def test_overlap_defaults_to_the_card_then_one_half_and_panels_show_the_model_choice_notch() -> None:
+    assert SegmentOptions().overlap is None
+    assert SegmentOptions().window_overlap(None) == 0.5 and SegmentOptions().window_overlap(0.25) == 0.25
+    assert SegmentOptions(overlap=0.75).window_overlap(0.25) == 0.75  # the user's value wins
+    assert SegmentOptions(overlap=0.0).window_overlap(0.25) == 0.0  # 0 is a value, not "unset"
+    assert panel_options.panel_range("overlap") == (-0.05, 0.95)
+    assert panel_options.default("overlap") == -0.05
+    overlap = SegmentOptions.spec("overlap")
+    assert overlap.from_panel(-0.05) is None and overlap.from_panel(0.0) == 0.0  # only the notch is None
+    assert overlap.from_panel(-0.7) == -0.7  # any other value is left to the check
+    panel = SimpleNamespace(overlap=-0.05, batchSize=2)
+    assert panel_options.options_from_parameters(panel).overlap is None
+    with pytest.raises(BadInputError, match=r"^overlap must be >= 0 and < 1, got -0.7$"):
+        panel_options.options_from_parameters(SimpleNamespace(overlap=-0.7))
+    with pytest.raises(BadInputError, match=r"^overlap must be >= 0 and < 1, got -0.05$"):
+        SegmentOptions.from_values({"overlap": -0.05})  # Python callers give a number or None, no notch
+    assert SegmentOptions().to_argv() == [] and SegmentOptions(overlap=0.5).to_argv() == ["--overlap", "0.5"]
+    with pytest.raises(BadInputError, match=r"^overlap must be >= 0 and < 1, got -0.05$"):
+        SegmentOptions(overlap=-0.05)  # only panels have the notch
+
+
+def test_the_ui_names_the_model_choice_as_the_option_declares_it() -> None:
+    """The .ui's specialValueText is the declared auto label (one wording, checked)."""
+    import re
+    from pathlib import Path
+
+    ui = (Path(__file__).resolve().parent.parent / "UNet3DSegment" / "Resources" / "UI" / "UNet3DSegment.ui").read_text()
+    texts = re.findall(r'<property name="specialValueText">\s*<string>([^<]*)</string>', ui)
+    assert texts == [SegmentOptions.spec("overlap").auto_label.replace("'", "&apos;")] or texts == [
+        SegmentOptions.spec("overlap").auto_label]
 
 
 # --- the Slicer panel -------------------------------------------------------------------------------

@@ -249,3 +249,95 @@ def test_card_and_channel_count_problems_are_reported() -> None:
         prepare([image], _card(orientation="RAR"))
     with pytest.raises(BadModelError, match="spacing"):
         prepare([image], _card(spacing=(1.0, 0.0, 1.0)))
+
+
+# --------------------------------------------------------------------------------------------------
+# The card's ``input.background``: a background that is not exactly zero is cleared before the crop
+def _background_card(below=0.1, piece=1.0, crop=True):
+    card = _card(method="zscore-nonzero", crop=crop)
+    card.input.background = SimpleNamespace(below=below, min_piece_ml=piece)
+    return card
+
+
+def _phantom_with_noise(level: float = 0.03, seed: int = 3) -> tuple[np.ndarray, np.ndarray]:
+    from UNet3DSegmentLib.client.phantom import brain_phantom
+
+    t1, labels = brain_phantom((64, 72, 64))
+    rng = np.random.default_rng(seed)
+    noisy = t1.copy()
+    outside = labels == 0
+    noisy[outside] = np.abs(rng.normal(0.0, level * float(t1.max()), int(outside.sum())))
+    return t1, noisy
+
+
+def test_background_noise_is_cleared_so_the_model_sees_the_clean_image() -> None:
+    from UNet3DSegmentLib.engine.preprocessing import clear_background
+
+    clean, noisy = _phantom_with_noise()
+    card = _background_card()
+    prepared_clean = prepare([_image(clean)], card)
+    prepared_noisy = prepare([_image(noisy)], card)
+    # Without the section the noisy image is neither cropped nor normalised like the clean one.
+    plain = prepare([_image(noisy)], _card(method="zscore-nonzero", crop=True))
+    assert plain.array.shape[:3] == noisy.shape
+    # The crop is the brain's box (a noise voxel touching the brain may widen it by one voxel).
+    for noisy_side, clean_side in zip(prepared_noisy.crop, prepared_clean.crop):
+        assert abs(noisy_side.start - clean_side.start) <= 1 and abs(noisy_side.stop - clean_side.stop) <= 1
+
+    def full(prepared):
+        values = np.zeros(noisy.shape, np.float32)
+        values[prepared.crop] = prepared.array[..., 0]
+        return values
+
+    brain = clean > 0
+    assert np.abs(full(prepared_noisy)[brain] - full(prepared_clean)[brain]).max() < 0.05
+    kept_noise = np.count_nonzero(full(prepared_noisy)[~brain])
+    assert kept_noise < 0.001 * np.count_nonzero(~brain), kept_noise  # (almost) every noise voxel cleared
+    # The brain itself is untouched: every non-zero voxel of the clean phantom is above the level.
+    cleared = clear_background([clean], 0.1, 1.0, (1.0, 1.0, 1.0))[0]
+    np.testing.assert_array_equal(cleared, clean)
+
+
+def test_small_bright_pieces_outside_the_object_are_background() -> None:
+    from UNet3DSegmentLib.engine.preprocessing import clear_background
+
+    array = np.zeros((30, 30, 30), np.float32)
+    array[5:20, 5:20, 5:20] = 100.0  # 3.4 mL at 1 mm: kept
+    array[25, 25, 25] = 90.0  # one bright noise voxel: a piece of 0.001 mL
+    array[26:28, 2:4, 2:4] = 80.0  # 8 voxels: 0.008 mL
+    cleared = clear_background([array], 0.1, 0.5, (1.0, 1.0, 1.0))[0]
+    assert cleared[25, 25, 25] == 0 and not cleared[26:28, 2:4, 2:4].any()
+    assert np.count_nonzero(cleared) == 15 ** 3
+    # min_piece_ml 0 keeps every piece; with 2 mm voxels 8 voxels are 0.064 mL, still below 0.5 mL.
+    assert np.count_nonzero(clear_background([array], 0.1, 0.0, (1.0, 1.0, 1.0))[0]) == 15 ** 3 + 9
+    assert np.count_nonzero(clear_background([array], 0.1, 0.5, (2.0, 2.0, 2.0))[0]) == 15 ** 3
+
+
+def test_background_is_where_every_channel_is_low() -> None:
+    from UNet3DSegmentLib.engine.preprocessing import clear_background
+
+    first = np.zeros((20, 20, 20), np.float32)
+    second = np.zeros((20, 20, 20), np.float32)
+    first[2:12, 2:12, 2:12] = 50.0
+    second[8:18, 8:18, 8:18] = 70.0
+    noise = np.random.default_rng(0).uniform(0, 2.0, first.shape).astype(np.float32)
+    cleared = clear_background([first + noise, second + noise], 0.1, 0.0, (1.0, 1.0, 1.0))
+    union = (first > 0) | (second > 0)
+    assert ((cleared[0] != 0) == union).all() and ((cleared[1] != 0) == union).all()
+    np.testing.assert_array_equal(cleared[0][union], (first + noise)[union])
+
+
+def test_dark_cavities_inside_the_object_are_not_background() -> None:
+    """A ventricle darker than the background level, enclosed by tissue, keeps its values."""
+    from UNet3DSegmentLib.engine.preprocessing import clear_background
+
+    array = np.zeros((30, 30, 30), np.float32)
+    array[5:25, 5:25, 5:25] = 100.0
+    array[12:18, 12:18, 12:18] = 4.0  # below 10 % of the 99th percentile, but inside
+    noise = np.random.default_rng(1).uniform(0.5, 3.0, array.shape).astype(np.float32)
+    noisy = np.where(array > 0, array, noise)
+    cleared = clear_background([noisy], 0.1, 1.0, (1.0, 1.0, 1.0))[0]
+    assert (cleared[12:18, 12:18, 12:18] == 4.0).all()
+    assert np.count_nonzero(cleared) == 20 ** 3 and not cleared[:5].any()
+    untouched = clear_background([array], 0.1, 1.0, (1.0, 1.0, 1.0))[0]
+    assert untouched is array  # nothing to clear: no copy

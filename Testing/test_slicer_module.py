@@ -225,9 +225,18 @@ def test_replacing_segments_the_panel_did_not_make_asks_first_without_the_wait_c
     assert names == ["CSF", "Grey matter", "White matter"] and panel.segmentations() == [mine]
 
 
+def test_panel_overlap_starts_at_the_model_choice_and_sends_none(coldPanel, tmp_path):
+    """The overlap box opens on "Model's choice" (the card's recommendation): no --overlap is sent."""
+    panel, ui = coldPanel, coldPanel.ui
+    assert ui.overlapSpinBox.text == "Model's choice" and panel.parameters.overlap == -0.05
+    panel.segment_and_wait()
+    [argv] = engine_argv(tmp_path)
+    assert "--overlap" not in argv, argv
+
+
 def test_panel_choices_reach_the_engine_command_line(coldPanel, tmp_path):
     panel, ui = coldPanel, coldPanel.ui
-    ui.overlapSliderWidget.value = 0.25
+    ui.overlapSpinBox.value = 0.25
     ui.batchSizeSpinBox.value = 3
     ui.ttaCheckBox.click()
     ui.largestComponentCheckBox.click()

@@ -456,3 +456,22 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
+
+
+def test_overlap_slider_label_is_a_valid_attribute_and_says_model_choice():
+    """The notch below 0 is "Model's choice": the label expression must not break its double-quoted attribute."""
+    import re
+
+    from trame.app import get_server
+    from trame.ui.html import DivLayout
+
+    from UNet3DSegmentLib.base.options import SegmentOptions
+    from UNet3DSegmentLib.web.ui import option_control
+
+    server = get_server("overlap-label-test", client_type="vue3")
+    with DivLayout(server) as layout:
+        option_control(SegmentOptions.spec("overlap"))
+    html = layout.html
+    label = re.search(r':label="([^"]*)"', html).group(1)
+    assert label == "overlap < 0.0 ? `Overlap: Model's choice` : `Overlap`"
+    assert 'min="-0.05"' in html and 'max="0.95"' in html

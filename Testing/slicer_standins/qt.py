@@ -232,7 +232,19 @@ class QSpinBox(_Ranged):
 
 
 class QDoubleSpinBox(_Ranged):
-    pass
+    """Qt's double spin box: ``specialValueText`` is shown in place of the minimum (Qt's own rule)."""
+
+    def __init__(self, parent: Optional[QObject] = None) -> None:
+        _Ranged.__init__(self, parent)
+        self.decimals = 2
+        self.specialValueText = ""
+        self._value = 0.0
+
+    @property
+    def text(self) -> str:
+        if self.specialValueText and self._value == self.minimum:
+            return self.specialValueText
+        return f"{self._value:.{self.decimals}f}"
 
 
 class QSlider(_Ranged):

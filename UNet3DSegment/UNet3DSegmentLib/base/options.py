@@ -58,6 +58,9 @@ class Option:
     label: str = ""  # short text for panels
     group: str = ""  # which part of a panel or command it belongs to (e.g. "runtime")
     convert: Optional[Callable[[Any], Any]] = None  # for structured values (a patch size): text or value in, value out
+    # Panels show a None default (e.g. "the model card's choice") as this text at one step below the
+    # minimum: a slider or spin box holds numbers only. ``from_values`` reads a value below the minimum as None.
+    auto_label: str = ""
 
     @property
     def title(self) -> str:
@@ -86,12 +89,29 @@ class Option:
         return dict(zip(self.choices, self.labels or self.choices)).get(value, str(value))
 
     def panel_range(self) -> tuple[float, float]:
-        """``(minimum, maximum)`` for a slider or spin box: the range, closed at ``panel_maximum``."""
+        """``(minimum, maximum)`` for a slider or spin box: the range, closed at ``panel_maximum``
+        (with ``auto_label``: from one step below the minimum, the notch that stands for None)."""
         low = self.minimum if self.minimum is not None else 0
+        if self.auto_label:
+            low = round(low - (self.step or 1), 10)
         high = self.panel_maximum if self.panel_maximum is not None else self.maximum
         if high is None:
             raise ValueError(f"option {self.name} has no upper bound for a panel")
         return low, high
+
+    def panel_default(self) -> Any:
+        """The default as a panel's control holds it: a None default with ``auto_label`` is its notch."""
+        if self.default is None and self.auto_label:
+            return self.panel_range()[0]
+        return self.default
+
+    def from_panel(self, value: Any) -> Any:
+        """A panel's number back as a value: the ``auto_label`` notch (one step below the minimum) is None;
+        any other value is left to :meth:`check` (so -0.7 is still refused)."""
+        if (self.auto_label and isinstance(value, numbers.Real) and not isinstance(value, bool)
+                and math.isclose(float(value), self.panel_range()[0], abs_tol=1e-9)):
+            return None
+        return value
 
     # --- values -------------------------------------------------------------------------------
     def check(self, value: Any) -> Any:
@@ -288,6 +308,7 @@ def patch_size(value: Any) -> tuple[int, int, int]:
 DEVICES = ("auto", "cpu", "gpu")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 BACKENDS = ("tensorflow", "torch", "jax")
+DEFAULT_OVERLAP = 0.5  # tile overlap when neither the user nor the model card gives one
 PROGRESS_MODES = ("bar", "json", "none")
 NORMALIZATIONS = ("zscore-nonzero", "percentile-zscore", "window", "none")
 
@@ -297,11 +318,16 @@ NORMALIZATIONS = ("zscore-nonzero", "percentile-zscore", "window", "none")
 class SegmentOptions(OptionGroup):
     """How ``segment`` runs: the sliding window, post-processing and the runtime (device, precision...)."""
 
-    overlap: float = option(0.5, "tile overlap in [0, 1)", minimum=0.0, maximum=1.0, maximum_exclusive=True,
-                            panel_maximum=0.95, step=0.05, label="Overlap")
+    overlap: Optional[float] = option(
+        None, f"tile overlap in [0, 1) (default: the model card's inference.overlap, else {DEFAULT_OVERLAP:g})",
+        kind=float, minimum=0.0, maximum=1.0, maximum_exclusive=True, panel_maximum=0.95, step=0.05,
+        label="Overlap", auto_label="Model's choice")
     batch_size: int = option(2, "patches per model call", minimum=1, panel_maximum=64, label="Batch size")
     blend: str = option("gaussian", "how overlapping tiles are weighed", choices=("gaussian", "constant"),
                         labels=("Gaussian", "Constant"), label="Blending")
+    skip_empty: bool = option(True, "skip tiles whose input is all zero (the background around a cropped, "
+                              "skull-stripped brain): the model does not run on them and they count as "
+                              "background", label="Skip empty tiles")
     tta: bool = option(False, "mirror test-time augmentation (8x slower)",
                        label="Test-time augmentation (mirroring, 8x slower)")
     largest_component: bool = option(False, "keep only the largest connected component of each class",
@@ -320,10 +346,14 @@ class SegmentOptions(OptionGroup):
                           group="runtime")
     accumulation: str = option("float32", "dtype of the blended class sums (float16 halves that buffer)",
                                choices=("float32", "float16"), group="runtime")
+    blend_on: str = option("auto", "where overlapping tiles are blended: on the model's device (sums kept there, "
+                           "only the labelmap copied back; fastest on a GPU) or on the host in z slabs (least "
+                           "memory); auto: the device when the model runs on a GPU",
+                           choices=("auto", "host", "device"), group="runtime")
     max_memory: Optional[int] = option(
         None, "budget such as 4G or 512M for the full-volume probability arrays, needed only to resample or "
         "write probabilities (default: half the machine's memory); above it the labelmap is resampled instead. "
-        "Blending always works in z slabs", kind=int, unit=BYTES, minimum=1, metavar="SIZE", group="runtime")
+        "Host blending always works in z slabs", kind=int, unit=BYTES, minimum=1, metavar="SIZE", group="runtime")
     gpu_memory_limit: Optional[int] = option(
         None, "most GPU memory this run may take, such as 6G (tensorflow and torch backends; default: what it "
         "needs). Beyond it the run retries with smaller batches, then on the CPU", kind=int, unit=BYTES,
@@ -333,6 +363,12 @@ class SegmentOptions(OptionGroup):
         "reads and writes, printing, datasets...). A SavedModel is a program: this lets it act on this "
         "machine with your rights. Only for models from a source you trust; never offered by the web page",
         label="Trust this model (SavedModel may run file operations)")
+
+    def window_overlap(self, recommended: Optional[float] = None) -> float:
+        """The overlap a run uses: the user's, else the model card's ``recommended``, else 0.5."""
+        if self.overlap is not None:
+            return self.overlap
+        return recommended if recommended is not None else DEFAULT_OVERLAP
 
 
 @declares

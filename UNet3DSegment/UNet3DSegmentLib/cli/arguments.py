@@ -89,7 +89,9 @@ def argument_kwargs(declared: Option) -> dict[str, Any]:
     kwargs: dict[str, Any] = {"dest": declared.name, "default": declared.default}
     if declared.kind is bool:
         kwargs["action"] = "store_false" if declared.default is True else "store_true"
-        kwargs["help"] = declared.help
+        # A switch that is on by default: its --no- flag turns the described behaviour off.
+        off = declared.default is True and declared.cli_flag not in declared.help
+        kwargs["help"] = f"turn off: {declared.help}" if off else declared.help
         return kwargs
     if declared.choices:
         kwargs["choices"] = list(declared.choices)

@@ -86,9 +86,12 @@ def build_estimate(args: argparse.Namespace, options: SegmentOptions, device: st
     patch = loaded.patch_size
     padded = tuple(max(s, p) for s, p in zip(work_shape, patch))
     passes = 8 if options.tta else 1
-    patches = count_patches(padded, patch, options.overlap) * passes
+    from ..engine.pipeline import card_overlap
+
+    overlap = options.window_overlap(card_overlap(card))
+    patches = count_patches(padded, patch, overlap) * passes
     rows = min(options.batch_size, patches)
-    depth = ring_depth(grid_starts(padded, patch, options.overlap), rows, patch[0], padded[0])
+    depth = ring_depth(grid_starts(padded, patch, overlap), rows, patch[0], padded[0])
     full = args.probabilities or card.input.spacing != "native"
     budget = budget_or_default(options.max_memory)
     full_bytes = probability_bytes(work_shape, card.num_classes) + probability_bytes(input_shape, card.num_classes)
@@ -121,7 +124,7 @@ def build_estimate(args: argparse.Namespace, options: SegmentOptions, device: st
         "input_shape_zyx": list(input_shape),
         "network_shape_zyx": list(work_shape),
         "patch_size": list(patch),
-        "overlap": options.overlap,
+        "overlap": overlap,
         "patches": patches,
         "gflop_per_patch": round(flops / 1e9, 3),
         "cpu": {"cores": cores, "avx512": avx512, "bf16": cpu_has_bf16(flags)},

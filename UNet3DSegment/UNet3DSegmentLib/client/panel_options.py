@@ -31,7 +31,7 @@ def default(name: str) -> Any:
         return _ENUMS[declared.name](declared.default)
     if declared.default is None and declared.is_size:
         return ""  # a text field: empty means no limit
-    return declared.default
+    return declared.panel_default()  # None with an auto label: the notch below the range
 
 
 def panel_range(name: str) -> tuple[float, float]:
@@ -51,5 +51,6 @@ def options_from_parameters(parameters: Any) -> SegmentOptions:
             value = getattr(parameters, declared.camel)
         except AttributeError:
             continue  # not on the panel: the engine's default
-        values[declared.name] = value.value if isinstance(value, enum.Enum) else value
+        value = value.value if isinstance(value, enum.Enum) else value
+        values[declared.name] = declared.from_panel(value)  # the "Model's choice" notch reads as None
     return SegmentOptions.from_values(values)

@@ -14,18 +14,21 @@ from typing import Optional, Sequence
 import numpy as np
 
 from ..runtime.cpu import cpu_cores
-from .tiling import Start, iter_batches
+from .tiling import Start
 
 
 def ring_depth(starts: Sequence[Start], rows: int, patch_z: int, size_z: int) -> int:
-    """Rows along z the accumulator must hold so that every batch fits into it.
+    """Rows along z the accumulator must hold so that every run of up to ``rows`` tiles fits into it.
 
-    Before a batch runs, every voxel above its first tile's z start is final (tiles come z-slowest),
-    so the rows still open span from that start to the batch's last tile's start plus the patch.
+    Before a run is added, every voxel above its first tile's z start is final (tiles come z-slowest),
+    so the rows still open span from that start to the run's last tile's start plus the patch. Runs
+    are any ``rows`` consecutive starts (batches, and the runs of skipped empty tiles between them,
+    which need not align with batches), so the largest spread over every such window bounds them all.
     """
     depth = patch_z
-    for batch in iter_batches(starts, rows):
-        depth = max(depth, batch[-1][0] - batch[0][0] + patch_z)
+    for first in range(len(starts)):
+        last = min(first + rows, len(starts)) - 1
+        depth = max(depth, starts[last][0] - starts[first][0] + patch_z)
     return min(depth, size_z)
 
 
@@ -81,6 +84,16 @@ class SlabAccumulator:
                 for low, high in self._bands]
         for job in jobs:
             job.result()
+
+    def add_background(self, starts: Sequence[Start], weights: np.ndarray, passes: int = 1) -> None:
+        """Add tiles the model did not run on (all-zero input) as certain background: class 0 gets
+        ``weights * passes`` (one term per test-time pass, as a prediction sums its passes)."""
+        pz, py, px = weights.shape
+        background = weights * np.float32(passes) if passes != 1 else weights
+        for z, y, x in starts:
+            for ring, local in _ring_pieces(z, z + pz, self.depth):
+                self.sums[ring, y:y + py, x:x + px, 0] += background[local]
+                self.weights[ring, y:y + py, x:x + px] += weights[local]
 
     def _weights_per_class(self, weights: np.ndarray, classes: int) -> np.ndarray:
         """``weights`` repeated along a last axis of ``classes`` (contiguous: a flat, fast multiply)."""

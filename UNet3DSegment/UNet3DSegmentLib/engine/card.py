@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any, Dict, Mapping, Optional, Tuple, Union
 
 from ..base.errors import BadModelError
+from ..base.options import SegmentOptions
 
 FORMAT_VERSION = 1
 PATCH_MULTIPLE = 8  # three 2x2x2 poolings in the seed network
@@ -139,6 +140,39 @@ class Normalization:
 
 
 @dataclass(frozen=True)
+class InferenceSpec:
+    """The card's optional ``inference`` section: sliding-window settings its authors measured.
+
+    ``overlap`` is used when the user gives none (``--overlap``), in place of the engine's 0.5: a
+    model whose Dice does not change with less overlap can say so and run in fewer patches.
+    """
+
+    overlap: Optional[float] = None
+
+    def to_dict(self) -> Dict[str, Any]:
+        return {} if self.overlap is None else {"overlap": self.overlap}
+
+
+@dataclass(frozen=True)
+class BackgroundSpec:
+    """The card's optional ``input.background``: which voxels count as background (set to 0) before the
+    crop to non-zero and the normalisation.
+
+    A voxel is background when, in every channel, it lies below ``below`` x that channel's 99th
+    percentile; pieces of the remaining foreground smaller than ``min_piece_ml`` (isolated noise) are
+    background too. For models trained on images whose background was exactly 0: a background with a
+    little noise (after resampling or bias correction) otherwise shifts the normalisation's statistics
+    and defeats the crop, and the model sees an image unlike any it was trained on.
+    """
+
+    below: float
+    min_piece_ml: float = 1.0
+
+    def to_dict(self) -> Dict[str, Any]:
+        return {"below": self.below, "min_piece_ml": self.min_piece_ml}
+
+
+@dataclass(frozen=True)
 class NetworkSpec:
     """How to rebuild the architecture (needed only for weights-only ``.h5`` files)."""
 
@@ -214,6 +248,7 @@ class InputSpec:
     normalization: Normalization = field(default_factory=Normalization)
     crop_to_nonzero: bool = False
     expect: Optional[InputExpectation] = None  # the card's optional ``input.expect`` section
+    background: Optional[BackgroundSpec] = None  # the card's optional ``input.background`` section
 
     def to_dict(self) -> Dict[str, Any]:
         data = {
@@ -224,6 +259,8 @@ class InputSpec:
             "normalization": self.normalization.to_dict(),
             "crop_to_nonzero": self.crop_to_nonzero,
         }
+        if self.background is not None:
+            data["background"] = self.background.to_dict()
         if self.expect is not None:
             data["expect"] = self.expect.to_dict()
         return data
@@ -242,6 +279,7 @@ class ModelCard:
     network: NetworkSpec = field(default_factory=NetworkSpec)
     training: Dict[str, Any] = field(default_factory=dict)
     format_version: int = FORMAT_VERSION
+    inference: Optional["InferenceSpec"] = None  # the card's optional ``inference`` section
 
     @property
     def patch_size(self) -> Tuple[int, int, int]:
@@ -270,6 +308,7 @@ class ModelCard:
             "network": self.network.to_dict(),
             "input": self.input.to_dict(),
             "classes": [c.to_dict() for c in self.classes],
+            **({"inference": self.inference.to_dict()} if self.inference is not None else {}),
             "training": copy.deepcopy(self.training),
         }
 
@@ -355,7 +394,7 @@ def card_from_dict(data: Mapping[str, Any], source: str = "(in memory)") -> Mode
     data = f.object(
         data, "card",
         required=("format_version", "name", "input", "classes"),
-        optional=("version", "description", "intended_use", "network", "training"),
+        optional=("version", "description", "intended_use", "network", "inference", "training"),
     )
     version = data["format_version"]
     if not _is_int(version) or version < 1:
@@ -378,7 +417,20 @@ def card_from_dict(data: Mapping[str, Any], source: str = "(in memory)") -> Mode
         input=_parse_input(f, data["input"]),
         classes=_parse_classes(f, data["classes"]),
         training=copy.deepcopy(training),
+        inference=_parse_inference(f, data["inference"]) if "inference" in data else None,
     )
+
+
+def _parse_inference(f: _Fields, value: Any) -> InferenceSpec:
+    """``inference``: the sliding window settings the model's authors recommend (``overlap``)."""
+    value = f.object(value, "inference", required=(), optional=("overlap",))
+    overlap = None
+    if "overlap" in value:
+        raw = value["overlap"]
+        if not _is_number(raw) or not 0.0 <= raw < 1.0:
+            raise f.fail("inference.overlap", f"must be a number >= 0 and < 1, got {_show(raw)}")
+        overlap = SegmentOptions.spec("overlap").check(float(raw))
+    return InferenceSpec(overlap=overlap)
 
 
 def _parse_network(f: _Fields, value: Any) -> NetworkSpec:
@@ -398,7 +450,7 @@ def _parse_input(f: _Fields, value: Any) -> InputSpec:
     value = f.object(
         value, "input",
         required=("channels", "patch_size"),
-        optional=("spacing", "orientation", "normalization", "crop_to_nonzero", "expect"),
+        optional=("spacing", "orientation", "normalization", "crop_to_nonzero", "background", "expect"),
     )
     channels = value["channels"]
     if not isinstance(channels, (list, tuple)) or not channels:
@@ -421,7 +473,21 @@ def _parse_input(f: _Fields, value: Any) -> InputSpec:
         normalization=_parse_normalization(f, value.get("normalization", {"method": "zscore-nonzero"})),
         crop_to_nonzero=crop,
         expect=_parse_expect(f, value["expect"]) if "expect" in value else None,
+        background=_parse_background(f, value["background"]) if "background" in value else None,
     )
+
+
+def _parse_background(f: _Fields, value: Any) -> BackgroundSpec:
+    """``input.background``: ``below`` in (0, 1) (share of the 99th percentile), ``min_piece_ml`` >= 0."""
+    where = "input.background"
+    value = f.object(value, where, required=("below",), optional=("min_piece_ml",))
+    below = f.number(value["below"], f"{where}.below")
+    if not 0.0 < below < 1.0:
+        raise f.fail(f"{where}.below", f"must be > 0 and < 1 (a share of the 99th percentile), got {_show(value['below'])}")
+    piece = f.number(value.get("min_piece_ml", 1.0), f"{where}.min_piece_ml")
+    if not 0.0 <= piece <= 1000.0:
+        raise f.fail(f"{where}.min_piece_ml", f"must be between 0 and 1000 mL, got {_show(value['min_piece_ml'])}")
+    return BackgroundSpec(below=below, min_piece_ml=piece)
 
 
 EXPECT_FIELDS = ("modality", "skull_stripped", "background_zero", "min_zero_fraction", "foreground_ml",

@@ -106,10 +106,18 @@ def check_channel(array: np.ndarray, spacing: Sequence[float], card: Any, channe
     finite = data[np.isfinite(data)] if not np.issubdtype(data.dtype, np.integer) else data.reshape(-1)
     if finite.size == 0:
         return [f"channel {channel}: no finite voxel; check the file"]
-    zero_fraction = float(np.count_nonzero(finite == 0)) / finite.size
+    clearing = getattr(card.input, "background", None)  # voxels the engine itself sets to 0 (card.BackgroundSpec)
+    if clearing is not None:
+        level = clearing.below * float(np.percentile(finite, 99.0))
+        zero_fraction = float(np.count_nonzero(finite < level) + np.count_nonzero(finite == 0) * (level <= 0))
+        zero_fraction /= finite.size
+        counted = f"0 or below {level:.3g} ({clearing.below:.0%} of the 99th percentile, cleared as background)"
+    else:
+        zero_fraction = float(np.count_nonzero(finite == 0)) / finite.size
+        counted = "exactly 0"
     if expect.background_zero and zero_fraction < expect.min_zero_fraction:
         warnings.append(
-            f"channel {channel}: background is not zero: only {zero_fraction:.1%} of the voxels are exactly 0, "
+            f"channel {channel}: background is not zero: only {zero_fraction:.1%} of the voxels are {counted}, "
             f"but model {card.name} expects a {what}input whose background is set to 0 (at least "
             f"{expect.min_zero_fraction:.0%} of the voxels); noise or a non-zero background may be labelled as "
             "tissue. Set every voxel outside the object to 0 (multiply by a brain mask, or skull-strip) "

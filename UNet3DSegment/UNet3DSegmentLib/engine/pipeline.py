@@ -8,6 +8,7 @@ and through it by the Slicer module and the web app). Both report progress as ev
 
 from __future__ import annotations
 
+import dataclasses
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -37,6 +38,22 @@ class SegmentationResult:
     # mean_/std_<channel>, confidence. The same figures go to --statistics and the done event.
     statistics: list = field(default_factory=list)
     warnings: list = field(default_factory=list)  # the input checks' warnings (engine/input_checks.py)
+
+
+def card_overlap(card: Any) -> Any:
+    """The overlap the model card recommends (its ``inference.overlap``), or None."""
+    inference = getattr(card, "inference", None)
+    return inference.overlap if inference is not None else None
+
+
+def zero_means_background(card: Any) -> bool:
+    """Whether an all-zero tile of the prepared input is certainly background for this card.
+
+    True after ``zscore-nonzero`` (zeros stay 0 and are "no signal") or the crop to non-zero; not for
+    ``none`` (0 HU is water) or ``window`` (0 is anything at or below the window's minimum), where
+    ``skip_empty`` does not apply.
+    """
+    return card.input.normalization.method == "zscore-nonzero" or bool(card.input.crop_to_nonzero)
 
 
 def _needs_resampling(card: Any) -> bool:
@@ -70,6 +87,35 @@ def _full_probabilities_fit(
         f"{format_size(budget)}: resampling the labelmap itself (nearest neighbour) instead",
     )
     return False
+
+
+def _blend_on_device(
+    array: np.ndarray, model: Any, options: SegmentOptions, window: Any, progress: Any,
+    cancel: Optional[threading.Event], full: bool, emitter: ProgressEmitter,
+) -> Optional[Any]:
+    """The device path's ``DeviceWindowResult`` when ``options.blend_on`` picks it (``engine/device_window.py``),
+    else None. Out of memory on the device: a warning, and None (the host path, with its own fallback)."""
+    from ..base.errors import CancelledError, OutOfMemoryError
+    from .device_window import blend_on_device, device_sliding_window, model_blender
+
+    if not blend_on_device(options.blend_on, getattr(model, "device", "cpu")):
+        return None
+    try:
+        return device_sliding_window(array, model_blender(model, options.accumulation), window, progress, cancel,
+                                     keep_probabilities=full, max_probability=not full,
+                                     warn=lambda message: emitter.emit("warning", message=message),
+                                     device=getattr(model, "device", "cpu"))
+    except OutOfMemoryError as error:
+        emitter.emit("warning", message=f"{error}; blending on the host instead")
+        return None
+    except (BadInputError, CancelledError):
+        raise
+    except Exception as error:  # noqa: BLE001 - auto must not fail where the host path works
+        if options.blend_on != "auto":
+            raise
+        emitter.emit("warning", message=f"blending on the device failed ({type(error).__name__}: "
+                     f"{str(error).splitlines()[0] if str(error) else 'no message'}); blending on the host instead")
+        return None
 
 
 def segment_images(
@@ -126,16 +172,24 @@ def segment_images(
         cpu_fallback=getattr(model, "cpu_predictor", None),
         warn=lambda message: emitter.emit("warning", message=message),
     )
-    window = WindowConfig.from_options(options, model.patch_size, prefetch=prefetch)
-    slabs = iter_probability_slabs(prepared.array, predictor, window, progress=on_patches, cancel=cancel)
+    window = WindowConfig.from_options(options, model.patch_size, prefetch=prefetch,
+                                     recommended_overlap=card_overlap(card))
+    if window.skip_empty and not zero_means_background(card):
+        window = dataclasses.replace(window, skip_empty=False)
     full_needed = keep_probabilities or _needs_resampling(card)
     if full_needed:
         full_needed = _full_probabilities_fit(prepared, card.num_classes, options, keep_probabilities, emitter)
+    on_device = _blend_on_device(prepared.array, model, options, window, on_patches, cancel, full_needed, emitter)
+    if on_device is None:
+        slabs = iter_probability_slabs(prepared.array, predictor, window, progress=on_patches, cancel=cancel)
 
     if full_needed:
-        probabilities = np.empty(prepared.array.shape[:3] + (card.num_classes,), dtype=np.float32)
-        for first, slab in slabs:
-            probabilities[first:first + slab.shape[0]] = slab
+        if on_device is not None:
+            probabilities = on_device.probabilities
+        else:
+            probabilities = np.empty(prepared.array.shape[:3] + (card.num_classes,), dtype=np.float32)
+            for first, slab in slabs:
+                probabilities[first:first + slab.shape[0]] = slab
         timings["inference"] = emitter.seconds - start
         start = emitter.seconds
         emitter.emit("postprocess", message="labelmap on the input grid")
@@ -149,13 +203,16 @@ def segment_images(
         labels.CopyInformation(prepared.original_image)
     else:
         full_probabilities = None
-        label_array = np.empty(prepared.array.shape[:3], dtype=label_dtype(card.num_classes))
-        # The probability of each voxel's label (its maximum), for the confidence in the statistics.
-        own_probability = np.empty(prepared.array.shape[:3], dtype=np.float16)
-        for first, slab in slabs:  # the labelmap is built slab by slab: no full probability array
-            label_array[first:first + slab.shape[0]] = labels_from_probabilities(slab)
-            own_probability[first:first + slab.shape[0]] = slab.max(axis=-1)
-            del slab
+        if on_device is not None:
+            label_array, own_probability = on_device.labels, on_device.max_probability
+        else:
+            label_array = np.empty(prepared.array.shape[:3], dtype=label_dtype(card.num_classes))
+            # The probability of each voxel's label (its maximum), for the confidence in the statistics.
+            own_probability = np.empty(prepared.array.shape[:3], dtype=np.float16)
+            for first, slab in slabs:  # the labelmap is built slab by slab: no full probability array
+                label_array[first:first + slab.shape[0]] = labels_from_probabilities(slab)
+                own_probability[first:first + slab.shape[0]] = slab.max(axis=-1)
+                del slab
         timings["inference"] = emitter.seconds - start
         start = emitter.seconds
         emitter.emit("postprocess", message="labelmap on the input grid")

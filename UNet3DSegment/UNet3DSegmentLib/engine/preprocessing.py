@@ -184,7 +184,7 @@ def prepare(images: Sequence[sitk.Image], card: Any) -> PreparedInput:
 
     ``images`` are the channels in the card's order, all on one grid (see
     ``image_io.read_channels``). Only ``card.input.{channels, orientation, spacing,
-    normalization.method, normalization.params, crop_to_nonzero}`` are used.
+    normalization.method, normalization.params, crop_to_nonzero, background}`` are used.
     """
     spec = card.input
     channels = list(images)
@@ -214,6 +214,9 @@ def prepare(images: Sequence[sitk.Image], card: Any) -> PreparedInput:
             channels = _resample_channels(channels, resampled_grid, oriented_grid)
 
     arrays = [sitk.GetArrayViewFromImage(channel) for channel in channels]  # no copies
+    if getattr(spec, "background", None) is not None:
+        spacing = (resampled_grid or oriented_grid).spacing
+        arrays = clear_background(arrays, spec.background.below, spec.background.min_piece_ml, spacing)
     crop = nonzero_box(arrays, margin=1) if spec.crop_to_nonzero else None
     if crop is not None:
         arrays = [array[crop] for array in arrays]
@@ -355,6 +358,49 @@ def resample_to_grid(image: sitk.Image, grid: Grid, interpolator: int,
     if pixel_type is not None:
         resampler.SetOutputPixelType(pixel_type)
     return resampler.Execute(image)
+
+
+def background_level(array: np.ndarray, below: float) -> float:
+    """The intensity under which ``array``'s voxels count as background: ``below`` x its 99th percentile
+    (of a strided sample of at most ~2 M voxels: the same level to a fraction of a per cent, 10x faster)."""
+    flat = array.reshape(-1)
+    step = max(1, flat.size // 2_000_000)
+    return below * float(np.percentile(flat[::step], 99.0))
+
+
+def clear_background(arrays: Sequence[np.ndarray], below: float, min_piece_ml: float,
+                     spacing: Sequence[float]) -> list:
+    """The channels with their background set to 0 (card ``input.background``; see ``card.BackgroundSpec``).
+
+    Foreground: voxels at or above :func:`background_level` in any channel, less its connected pieces
+    (face-connected) smaller than ``min_piece_ml``, with its enclosed cavities filled (dark ventricles
+    stay). Only the foreground's bounding box is labelled, so large volumes of air cost little.
+    Channels with nothing to clear are returned as they are; the others as new arrays.
+    """
+    foreground = np.zeros(arrays[0].shape, dtype=bool)
+    for array in arrays:
+        foreground |= array >= background_level(array, below)
+    box = nonzero_box([foreground], margin=1)
+    if box is None and foreground.any():  # the foreground (noise, say) reaches every face
+        box = (slice(None), slice(None), slice(None))
+    if box is not None:
+        inside = foreground[box]
+        voxel_ml = float(np.prod([float(s) for s in spacing])) / 1000.0
+        smallest = int(np.ceil(min_piece_ml / voxel_ml)) if voxel_ml > 0 else 0
+        mask = sitk.GetImageFromArray(inside.view(np.uint8))
+        if smallest > 1:
+            pieces = sitk.RelabelComponent(sitk.ConnectedComponent(mask, False), minimumObjectSize=smallest,
+                                           sortByObjectSize=False)
+            mask = sitk.Cast(pieces > 0, sitk.sitkUInt8)
+        mask = sitk.BinaryFillhole(mask, False, 1)
+        foreground[box] = sitk.GetArrayViewFromImage(mask) > 0
+    cleared = []
+    for array in arrays:
+        if np.count_nonzero(array[~foreground]) == 0:
+            cleared.append(array)  # its background is zero already
+        else:
+            cleared.append(np.where(foreground, array, np.zeros((), dtype=array.dtype)))
+    return cleared
 
 
 def nonzero_box(arrays: Sequence[np.ndarray], margin: int = 1) -> Optional[Slices]:

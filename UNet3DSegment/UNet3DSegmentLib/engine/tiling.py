@@ -60,6 +60,8 @@ def tile_starts(size: int, patch: int, overlap: float) -> list[int]:
     that allows it, and the integer starts are spread evenly (rounded; no step exceeds the allowed
     one). The last start is ``size - patch``; an axis no longer than the patch gets the start 0.
     """
+    if overlap is None:
+        raise BadInputError("overlap must be a number >= 0 and < 1, got None")
     overlap = SegmentOptions.spec("overlap").check(overlap)
     size, patch = int(size), int(patch)
     if patch < 1 or size < 1:
@@ -98,6 +100,32 @@ def iter_batches(starts: Sequence[Start], batch_size: int) -> Iterator[Sequence[
     """Consecutive groups of at most ``batch_size`` tile starts."""
     for first in range(0, len(starts), batch_size):
         yield starts[first:first + batch_size]
+
+
+def empty_tiles(image: np.ndarray, starts: Sequence[Start], patch: tuple[int, int, int]) -> list[bool]:
+    """For each tile, whether its input is zero in every voxel and channel.
+
+    After the crop to the non-zero box (and ``zscore-nonzero``, which keeps zeros at 0) such tiles hold
+    only background, typically the corners of the box around a brain; the model need not see them.
+    """
+    pz, py, px = patch
+    return [not image[z:z + pz, y:y + py, x:x + px].any() for z, y, x in starts]
+
+
+def tile_units(starts: Sequence[Start], empty: Sequence[bool], batch_size: int) -> list[tuple[bool, list[Start]]]:
+    """Split ``starts`` (in order) into runs of at most ``batch_size`` tiles that are all empty or all not.
+
+    ``(is_empty, starts)`` per run, in the tiles' C order, so that the z-slab accumulator receives every
+    tile in order whether the model runs on it or it counts as background. Each run is at most
+    ``batch_size`` consecutive starts, which ``accumulator.ring_depth`` bounds.
+    """
+    units: list[tuple[bool, list[Start]]] = []
+    for start, is_empty in zip(starts, empty):
+        if units and units[-1][0] == bool(is_empty) and len(units[-1][1]) < batch_size:
+            units[-1][1].append(start)
+        else:
+            units.append((bool(is_empty), [start]))
+    return units
 
 
 def pad_to_patch(

@@ -30,11 +30,11 @@ from typing import Any, Callable, Iterator, Optional, Sequence
 import numpy as np
 
 from ..base.errors import BadInputError, CancelledError, UNet3DSegmentError
-from ..base.options import SegmentOptions
+from ..base.options import DEFAULT_OVERLAP, SegmentOptions
 from .accumulator import SlabAccumulator, blend_threads, ring_depth
 from .blending import tile_weights
 from .stages import Predictor, flip_sets, iter_assembled_batches, iter_predictions
-from .tiling import grid_starts, iter_batches, pad_to_patch, validate_mirror_axes, validate_patch
+from .tiling import empty_tiles, grid_starts, pad_to_patch, tile_units, validate_mirror_axes, validate_patch
 
 ProgressCallback = Callable[[int, int], None]
 TTA_AXES = (0, 1, 2)  # mirror_axes of test-time augmentation (the ``tta`` option): every spatial axis
@@ -57,48 +57,56 @@ class WindowConfig:
         prefetch: assemble batches on a producer thread and run the model on its own thread, so that
             assembling and blending overlap the model's work (same values either way).
         expected_channels: if given, the image's channel count must equal it.
+        skip_empty: do not run the model on tiles whose input is zero in every voxel and channel
+            (:func:`~.tiling.empty_tiles`); they count as certain background (class 0) with their
+            blending weights. At least one tile always runs.
 
-    ``overlap``, ``blend``, ``batch_size`` and ``accumulation`` are user options: their defaults
-    and checks are those of ``SegmentOptions``.
+    ``overlap``, ``blend``, ``batch_size``, ``accumulation`` and ``skip_empty`` are user options: their defaults
+    and checks are those of ``SegmentOptions`` (``overlap``: 0.5 when neither the user nor the card gives one).
     """
 
     patch_size: Sequence[int] = (64, 64, 64)
-    overlap: float = SegmentOptions.spec("overlap").default
+    overlap: float = DEFAULT_OVERLAP
     blend: str = SegmentOptions.spec("blend").default
     batch_size: int = SegmentOptions.spec("batch_size").default
     mirror_axes: Optional[Sequence[int]] = ()
     accumulation: str = SegmentOptions.spec("accumulation").default
     prefetch: bool = True
     expected_channels: Optional[int] = None
+    skip_empty: bool = SegmentOptions.spec("skip_empty").default
 
     def __post_init__(self) -> None:
         checked = {
             "patch_size": validate_patch(self.patch_size),
-            "overlap": SegmentOptions.spec("overlap").check(self.overlap),
+            "overlap": DEFAULT_OVERLAP if self.overlap is None else SegmentOptions.spec("overlap").check(self.overlap),
             "blend": SegmentOptions.spec("blend").check(self.blend),
             "batch_size": SegmentOptions.spec("batch_size").check(self.batch_size),
             "mirror_axes": validate_mirror_axes(self.mirror_axes),
             "accumulation": SegmentOptions.spec("accumulation").check(self.accumulation),
             "prefetch": bool(self.prefetch),
             "expected_channels": _check_channels(self.expected_channels),
+            "skip_empty": SegmentOptions.spec("skip_empty").check(self.skip_empty),
         }
         for name, value in checked.items():
             object.__setattr__(self, name, value)
 
     @classmethod
-    def from_options(cls, options: SegmentOptions, patch_size: Sequence[int], prefetch: bool = True) -> WindowConfig:
+    def from_options(cls, options: SegmentOptions, patch_size: Sequence[int], prefetch: bool = True,
+                     recommended_overlap: Optional[float] = None) -> WindowConfig:
         """The window of a segmentation run: ``options`` (a ``SegmentOptions``) and the model's patch size.
 
-        ``options.tta`` mirrors every spatial axis (:data:`TTA_AXES`).
+        ``options.tta`` mirrors every spatial axis (:data:`TTA_AXES`). Without an overlap in ``options``
+        the model card's ``recommended_overlap`` is used, else 0.5.
         """
         return cls(
             patch_size=patch_size,
-            overlap=options.overlap,
+            overlap=options.window_overlap(recommended_overlap),
             blend=options.blend,
             batch_size=options.batch_size,
             mirror_axes=TTA_AXES if options.tta else (),
             accumulation=options.accumulation,
             prefetch=prefetch,
+            skip_empty=options.skip_empty,
         )
 
 
@@ -177,7 +185,11 @@ def _slabs(
     padded, crop = pad_to_patch(image, patch)
     shape = padded.shape[:3]
     starts = grid_starts(shape, patch, config.overlap)
-    total = len(starts) * len(flips)
+    empty = empty_tiles(padded, starts, patch) if config.skip_empty else [False] * len(starts)
+    if all(empty):
+        empty[0] = False  # one tile runs: the model's outputs give the class count
+    units = tile_units(starts, empty, config.batch_size)
+    total = (len(starts) - sum(empty)) * len(flips)
     done = 0
 
     def check_cancel() -> None:
@@ -191,7 +203,7 @@ def _slabs(
             progress(done, total)
 
     rows = min(config.batch_size, len(starts))
-    batches = list(iter_batches(starts, rows))
+    batches = [unit for is_empty, unit in units if not is_empty]
     depth = ring_depth(starts, rows, patch[0], shape[0])
     ring: Optional[SlabAccumulator] = None
     finished = 0  # rows before this one are final and were yielded
@@ -208,16 +220,21 @@ def _slabs(
             yield kept.start - (crop[0].start or 0), np.ascontiguousarray(part)
 
     source = iter_assembled_batches(padded, batches, patch, rows, config.prefetch)
-    predictions = iter_predictions(source, predict, flips, rows, patch, padded.shape[3], check_cancel,
-                                   threaded=config.prefetch)
+    predictions = iter_predictions(source, predict, flips, rows, patch, padded.shape[3],
+                                   check_cancel, threaded=config.prefetch)
     bands = blend_threads() if config.prefetch else 1
     pool = ThreadPoolExecutor(max_workers=bands, thread_name_prefix="unet3d-blend") if bands > 1 else None
     try:
-        for batch_starts, prediction, release in predictions:
-            yield from finish(batch_starts[0][0])
-            if ring is None:
-                ring = SlabAccumulator(depth, shape[1:], prediction.shape[4], np.dtype(config.accumulation),
-                                       pool, bands)
+        first_real = next(predictions)  # the ring is made with the model's class count, before any tile
+        ring = SlabAccumulator(depth, shape[1:], first_real[1].shape[4], np.dtype(config.accumulation), pool, bands)
+        pending: Optional[tuple] = first_real
+        for is_empty, unit in units:
+            yield from finish(unit[0][0])
+            if is_empty:
+                ring.add_background(unit, weights, len(flips))
+                continue
+            batch_starts, prediction, release = pending if pending is not None else next(predictions)
+            pending = None
             ring.add(prediction, batch_starts, weights)
             release()
             for _ in flips:  # one progress step per predictor call, as the calls were made

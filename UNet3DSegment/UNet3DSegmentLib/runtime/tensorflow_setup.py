@@ -12,11 +12,12 @@ cannot change afterwards. It records what it applied in ``state.RUNTIME``.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import sys
 import tempfile
-from typing import Any, Optional, Sequence
+from typing import Any, Iterator, Optional, Sequence
 
 from ..base.errors import BadInputError
 from ..base.units import MIB
@@ -24,13 +25,18 @@ from .state import RUNTIME, RuntimeRequest
 
 logger = logging.getLogger(__name__)
 
+# Packages Keras imports only to support them (scikit-learn wrappers, pandas inputs, matplotlib image
+# galleries) when they are installed: about 3-4 s of TensorFlow's start on 2 cores, unused by the engine.
+KERAS_EXTRAS = ("sklearn", "pandas", "matplotlib")
+
 
 def import_tensorflow_quietly() -> Any:
     """Import and return ``tensorflow`` with native start-up logs suppressed.
 
     Device discovery (which prints CUDA errors on machines without a driver) runs inside the same
     silenced block; it is cached by TensorFlow and does not yet create the runtime context, so thread
-    and device settings can still be applied afterwards.
+    and device settings can still be applied afterwards. Keras' optional extras are left out
+    (:func:`without_keras_extras`).
     """
     if "tensorflow" in sys.modules:
         return sys.modules["tensorflow"]
@@ -40,7 +46,8 @@ def import_tensorflow_quietly() -> Any:
     with tempfile.TemporaryFile() as sink:
         os.dup2(sink.fileno(), 2)
         try:
-            import tensorflow as tf
+            with without_keras_extras():
+                import tensorflow as tf
 
             tf.config.list_physical_devices()
         except BaseException:
@@ -52,6 +59,26 @@ def import_tensorflow_quietly() -> Any:
             os.dup2(saved, 2)
             os.close(saved)
     return tf
+
+
+@contextlib.contextmanager
+def without_keras_extras(names: Sequence[str] = KERAS_EXTRAS) -> Iterator[None]:
+    """Within: ``import`` of ``names`` (those not imported yet) fails, so Keras skips its optional support.
+
+    TensorFlow imports Keras, and Keras imports scikit-learn, pandas and matplotlib.pyplot when they are
+    installed (the demo's extras pull them in), each inside ``try/except ImportError``. Afterwards the
+    packages import normally again (the demo's overlay imports matplotlib itself); only Keras' sklearn
+    wrappers, pandas inputs and image gallery stay off in this process, and the engine uses none of them.
+    """
+    blocked = [name for name in names if name not in sys.modules]
+    for name in blocked:
+        sys.modules[name] = None  # type: ignore[assignment]  # Python's marker for "import fails"
+    try:
+        yield
+    finally:
+        for name in blocked:
+            if sys.modules.get(name, 0) is None:
+                del sys.modules[name]
 
 
 def configure_tensorflow(

@@ -163,7 +163,7 @@ class UNet3DSegmentWebApp(TrameApp):
             "model_path": self.models.default,
             "demo_ready": False, "busy": False,
             "card_title": "", "card_description": "", "card_classes": [], "card_error": "",
-            **{declared.name: declared.default for declared in self.page_options()},
+            **{declared.name: declared.panel_default() for declared in self.page_options()},
             "running": False, "run_state": "idle", "progress": 0, "progress_text": "", "status_text": "",
             "segments": [], "download_name": "segmentation.seg.nrrd",
             "max_upload_bytes": int(self.max_upload_mb * 1024 * 1024), "max_upload_mb": self.max_upload_mb,
@@ -356,9 +356,11 @@ class UNet3DSegmentWebApp(TrameApp):
         values = {}
         for declared in self.page_options():
             raw = self.state[declared.name]
+            raw = declared.from_panel(raw)  # the "Model's choice" notch below the range is None
             value = declared.parse(raw) if isinstance(raw, str) and declared.kind is not str else declared.check(raw)
             if declared.kind in (int, float) and not declared.choices and value is not None:
                 low, high = declared.panel_range()
+                low = declared.minimum if declared.auto_label and declared.minimum is not None else low
                 if not low <= value <= high:
                     raise BadInputError(f"{declared.title} must be {low:g} to {high:g}, got {value}; fix it under Advanced")
             values[declared.name] = value

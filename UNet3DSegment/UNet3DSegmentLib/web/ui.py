@@ -8,6 +8,7 @@ drives carry ids (``load-demo``, ``upload``, ``segment``, ``cancel``, ``download
 
 from __future__ import annotations
 
+
 from typing import Any
 
 from trame.widgets import client, html
@@ -105,7 +106,11 @@ def option_control(declared: Option) -> None:
         v3.VSelect(v_model=(declared.name,), items=(items,), label=label, classes="my-2", **common)
     elif declared.kind is float:
         low, high = declared.panel_range()
-        v3.VSlider(v_model=(declared.name,), label=label, min=low, max=high, step=declared.step or 0.01,
+        shown: Any = label
+        if declared.auto_label:  # the lowest notch stands for None: say so in the label while it is there
+            # Backtick strings: the expression sits in a double-quoted attribute and the text has an apostrophe.
+            shown = (f"{declared.name} < {declared.minimum} ? `{label}: {declared.auto_label}` : `{label}`",)
+        v3.VSlider(v_model=(declared.name,), label=shown, min=low, max=high, step=declared.step or 0.01,
                    thumb_label=True, **common)
     else:
         low, high = declared.panel_range()
