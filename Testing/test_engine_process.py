@@ -206,7 +206,7 @@ def test_cancel_ends_the_whole_tree(stand_in: Path, tmp_path: Path, mode: str) -
     assert process.finished and process.cancelled
     assert type(process.error()) is CancelledError
     if mode == "stubborn":
-        assert 0.5 <= elapsed < 5.0  # SIGTERM ignored: SIGKILL after the grace period
+        assert 0.5 <= elapsed < 15.0  # SIGTERM ignored: SIGKILL after the grace period (upper bound: a loaded CI machine)
         assert process.returncode == -9
     elif mode == "graceful":
         assert elapsed < grace and process.returncode == 5
