@@ -108,9 +108,10 @@ def check_channel(array: np.ndarray, spacing: Sequence[float], card: Any, channe
         return [f"channel {channel}: no finite voxel; check the file"]
     clearing = getattr(card.input, "background", None)  # voxels the engine itself sets to 0 (card.BackgroundSpec)
     if clearing is not None:
-        level = clearing.below * float(np.percentile(finite, 99.0))
-        zero_fraction = float(np.count_nonzero(finite < level) + np.count_nonzero(finite == 0) * (level <= 0))
-        zero_fraction /= finite.size
+        from .preprocessing import background_level  # the level the engine clears with, computed one way
+
+        level = background_level(finite, clearing.below)
+        zero_fraction = float(np.count_nonzero((finite < level) | (finite == 0))) / finite.size
         counted = f"0 or below {level:.3g} ({clearing.below:.0%} of the 99th percentile, cleared as background)"
     else:
         zero_fraction = float(np.count_nonzero(finite == 0)) / finite.size
